@@ -1,0 +1,217 @@
+"""The mask engine: scores, an exact k-th-smallest threshold, growing-only masks, in-place application.
+
+Masks follow ``torch.nn.utils.prune``'s convention: 1 keeps a weight, 0 prunes it. In memory a mask is a
+tensor of the weight's own dtype and device, because re-applying it after every optimizer step is then a
+plain in-place multiply (measured on 5.3M weights: about 1.2 ms, against about 5 ms for a bool mask through
+``masked_fill_``/type promotion; see ``benchmarks/README.md``). Checkpoints store masks as bool.
+
+Selection rule (the same count and, for magnitude scores, the same entries as ``torch.nn.utils.prune``):
+at target sparsity ``s`` over ``n`` candidates, ``round(s * n)`` entries end pruned (Python rounding, as
+torch). Entries already pruned stay pruned and count first; the rest are the unpruned entries with the
+smallest scores. Exact ties at the threshold, whose order torch leaves undefined, are broken by the
+lowest index: flat index within a tensor, tensors in selection order. Masks never regrow: a target below
+the current sparsity changes nothing.
+
+The threshold is found without concatenating scores: a radix select over the scores' IEEE-754 bit
+patterns (which sort like the values for non-negative floats) builds a 16-bit histogram per pass, one
+tensor at a time, so extra memory is a few temporaries of the largest single tensor, not a copy of all.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+#: ``scores(i, start, stop)`` is the flat chunk ``[start, stop)`` of the non-negative scores of the i-th
+#: tensor, in row-major order of its entries; the same values on every call.
+ScoreSource = Callable[[int, int, int], Tensor]
+
+_RADIX_BITS = 16
+# Scores are processed in chunks of this many entries: temporaries stay in cache and are reused by the
+# allocator instead of being mapped afresh for every tensor (measured: about 2x faster on 50M weights).
+CHUNK = 1 << 18
+# The exact k-th score is finished by sorting the entries of its radix bucket once they are at most this many.
+CANDIDATE_LIMIT = 1 << 22
+
+
+def count_to_prune(sparsity: float, n: int) -> int:
+    """``round(sparsity * n)``, the number of entries torch.nn.utils.prune zeroes for a float amount."""
+    return round(sparsity * n)
+
+
+def _sortable_keys(scores: Tensor, mask: Tensor, wide: bool) -> Tensor:
+    """Integer keys ordered as the non-negative ``scores``, 0 where ``mask`` prunes (score times mask).
+
+    ``wide``: compare as float64 (int64 keys) rather than float32 (int32 keys); float16/bfloat16 widen exactly.
+    """
+    masked = scores * mask
+    return masked.to(torch.float64).view(torch.int64) if wide else masked.to(torch.float32).view(torch.int32)
+
+
+def _narrow_prefix(
+    keys: Callable[[], Iterable[Tensor]], k: int, bits: int, zeros_to_ignore: int
+) -> tuple[int, int, int]:
+    """Radix-narrow the range of the ``k``-th smallest key (1-based) until it holds at most ``CANDIDATE_LIMIT``.
+
+    Each pass histograms the next 16 bits of the keys that share the prefix found so far (one full pass over
+    the keys, one chunk at a time). ``zeros_to_ignore`` keys equal to 0 (the already pruned entries) are left
+    out of the counts. Returns ``(prefix, shift, below)``: the k-th key satisfies ``key >> shift == prefix``,
+    and ``below`` keys have a smaller prefix.
+    """
+    prefix, done, below = 0, 0, 0
+    while done < bits:
+        width = min(_RADIX_BITS, bits - done)
+        shift = bits - done - width
+        hist = torch.zeros(1 << width, dtype=torch.int64)
+        for key in keys():
+            if done:
+                key = key[(key >> (shift + width)) == prefix]
+            if shift:
+                key = key >> shift
+            if done:
+                key = key & ((1 << width) - 1)
+            hist += torch.bincount(key, minlength=1 << width).cpu()
+        if prefix == 0:
+            hist[0] -= zeros_to_ignore
+        cumulative = hist.cumsum(0)
+        bucket = int(torch.searchsorted(cumulative, torch.tensor(k - below)))
+        below += int(cumulative[bucket - 1]) if bucket > 0 else 0
+        prefix = (prefix << width) | bucket
+        done += width
+        if int(hist[bucket]) <= CANDIDATE_LIMIT:
+            break
+    return prefix, bits - done, below
+
+
+def prune_smallest(scores: ScoreSource, masks: Sequence[Tensor], k: int) -> None:
+    """Grow ``masks`` in place so that ``max(k, already pruned)`` entries are pruned in total.
+
+    The newly pruned entries are the unpruned ones with the smallest scores over all tensors together;
+    ties at the threshold go to the lowest index (see the module docstring). ``scores`` is asked for each
+    chunk two or more times and must return the same values.
+
+    Cost: one pass per 16 bits of key needed to narrow the k-th score's bucket to ``CANDIDATE_LIMIT``
+    entries (one pass for float32 weights of ordinary spread), then one pass that prunes every entry of a
+    lower bucket and gathers the candidates of that bucket, which a stable sort by key (ties: by position)
+    finishes exactly.
+    """
+    already = sum(m.numel() - int(torch.count_nonzero(m)) for m in masks)
+    new = k - already
+    if new <= 0:
+        return
+    total = sum(m.numel() for m in masks)
+    if k > total:
+        raise ValueError(f"cannot prune {k} entries out of {total}")
+    wide = any(m.dtype == torch.float64 for m in masks)
+
+    def chunks() -> Iterator[tuple[Tensor, Tensor]]:
+        for i, mask in enumerate(masks):
+            flat = mask.view(-1)
+            for start in range(0, flat.numel(), CHUNK):
+                stop = min(start + CHUNK, flat.numel())
+                yield _sortable_keys(scores(i, start, stop), flat[start:stop], wide), flat[start:stop]
+
+    prefix, shift, below = _narrow_prefix(lambda: (key for key, _ in chunks()), new, 63 if wide else 31, already)
+    chunk_masks, cand_keys, cand_index, cand_chunk = [], [], [], []
+    for key, flat_mask in chunks():
+        high = key >> shift if shift else key
+        # Multiplying by the uint8 view of the comparison is about 5x faster than masked_fill_ (measured here).
+        flat_mask.mul_((high >= prefix).view(torch.uint8).to(flat_mask.dtype))
+        in_bucket = high == prefix
+        if prefix == 0:
+            in_bucket &= flat_mask != 0
+        index = in_bucket.nonzero().squeeze(1)
+        if index.numel():
+            cand_keys.append(key[index])
+            cand_index.append(index)
+            cand_chunk.append(torch.full_like(index, len(chunk_masks)))
+        chunk_masks.append(flat_mask)
+    # Candidates were gathered in position order, so a stable sort by key breaks ties by lowest position.
+    order = torch.sort(torch.cat(cand_keys), stable=True).indices[: new - below]
+    chosen_index, chosen_chunk = torch.cat(cand_index)[order], torch.cat(cand_chunk)[order]
+    for chunk_id in torch.unique(chosen_chunk).tolist():
+        chunk_masks[chunk_id][chosen_index[chosen_chunk == chunk_id]] = 0
+
+
+def l1_scores(weights: Sequence[Tensor]) -> ScoreSource:
+    """``|w|``, computed chunk by chunk when asked."""
+    flats = [w.detach().reshape(-1) for w in weights]
+    return lambda i, start, stop: flats[i][start:stop].abs()
+
+
+def random_scores(weights: Sequence[Tensor], generator: torch.Generator) -> ScoreSource:
+    """Uniform random scores in [0, 1), reproducible from ``generator`` (a CPU generator) alone.
+
+    One seed per weight is drawn from ``generator`` now; the chunk starting at ``start`` is drawn from a
+    generator seeded with that seed plus ``start``. Each call thus regenerates the same scores without
+    keeping them, and the sequence of masks follows from the generator state alone (saved in checkpoints;
+    the same on every DDP rank).
+    """
+    seeds = torch.randint(0, 2**62, (len(weights),), generator=generator).tolist()
+
+    def score(i: int, start: int, stop: int) -> Tensor:
+        chunk_generator = torch.Generator().manual_seed(seeds[i] + start)
+        return torch.rand(stop - start, generator=chunk_generator).to(weights[i].device)
+
+    return score
+
+
+def channel_norms(weight: Tensor, norm: float, dim: int) -> Tensor:
+    """The Ln norm of each slice along ``dim``, computed exactly as ``torch.nn.utils.prune.ln_structured``."""
+    dims = list(range(weight.dim()))
+    dims.remove(dims[dim])
+    return torch.norm(weight.detach(), p=norm, dim=dims)
+
+
+def _slice_mask_view(mask: Tensor, dim: int) -> Tensor:
+    """A float vector, 1 for each slice along ``dim`` that is kept, 0 for each fully pruned slice."""
+    dims = list(range(mask.dim()))
+    dims.remove(dims[dim])
+    return (mask.amax(dim=dims) != 0).to(mask.dtype)
+
+
+def update_unstructured(
+    weights: Sequence[Tensor], masks: Sequence[Tensor], sparsity: float, scores: ScoreSource, scope: str
+) -> None:
+    """Grow the masks to ``sparsity``: one threshold over all tensors (``"global"``) or one per tensor."""
+    if scope == "global":
+        n = sum(w.numel() for w in weights)
+        prune_smallest(scores, masks, count_to_prune(sparsity, n))
+        return
+    for i, (w, m) in enumerate(zip(weights, masks)):
+        prune_smallest(lambda _, a, b, i=i: scores(i, a, b), [m], count_to_prune(sparsity, w.numel()))
+
+
+def update_structured(
+    weights: Sequence[Tensor], masks: Sequence[Tensor], sparsity: float, norm: float, dim: int
+) -> None:
+    """Grow each mask to ``round(sparsity * slices)`` fully pruned slices along ``dim``, by smallest Ln norm.
+
+    Slices already pruned count first (their norm is 0); matches ``torch.nn.utils.prune.ln_structured``.
+    """
+    for w, m in zip(weights, masks):
+        slice_mask = _slice_mask_view(m, dim)
+        norms = channel_norms(w, norm, dim)
+        prune_smallest(lambda _, a, b, norms=norms: norms[a:b], [slice_mask], count_to_prune(sparsity, w.shape[dim]))
+        shape = [1] * w.dim()
+        shape[dim] = w.shape[dim]
+        m.mul_(slice_mask.view(shape))
+
+
+@torch.no_grad()
+def apply_masks(weights: Iterable[Tensor], masks: Iterable[Tensor]) -> None:
+    """Zero the pruned entries in place (``w *= mask``)."""
+    for w, m in zip(weights, masks):
+        w.mul_(m)
+
+
+def sparsity(tensors: Iterable[Tensor]) -> float:
+    """Fraction of entries that are exactly zero over all ``tensors`` (NaN for none)."""
+    zeros, total = 0, 0
+    for t in tensors:
+        zeros += int((t == 0).sum())
+        total += t.numel()
+    return zeros / total if total else math.nan

@@ -1,0 +1,365 @@
+"""``MagnitudePruning``: scheduled, growing-only pruning while training, with plain weights at every moment."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+
+from lightning_compress import masks as mask_engine
+from lightning_compress import report
+from lightning_compress.schedules import is_update_index, target_sparsity, validate_schedule
+from lightning_compress.selection import select_parameters
+
+METHODS = ("l1_unstructured", "random_unstructured", "ln_structured")
+SCOPES = ("global", "layerwise")
+INTERVALS = ("epoch", "step")
+_STATE_VERSION = 1
+
+
+class MagnitudePruning(Callback):
+    r"""Prune weights gradually while training; leave a plain, permanently sparse model at the end.
+
+    At the start of each scheduled epoch (or step) ``i`` the masks grow to the target sparsity
+    ``amount * f(p)``, ``p = clamp((i - start) / (end - start), 0, 1)`` (see :mod:`lightning_compress.schedules`
+    for ``f``), and are applied to the weights in place. After every optimizer step they are applied again, so
+    pruned weights stay exactly 0. The model never holds anything pruning-specific: no ``weight_orig``, no
+    ``weight_mask``, no forward hooks; ``model.state_dict()`` has plain keys at every moment. The masks live
+    on the callback and in its checkpoint state, so resuming continues the schedule with the same masks.
+
+    Args:
+        amount: final sparsity, the fraction of the selected weights (or, for ``ln_structured``, of the slices
+            along ``dim``) that end at exactly 0, in [0, 1).
+        schedule: ``"constant"``, ``"linear"``, ``"cubic"``, ``"exponential"``, or a callable that maps the epoch
+            (or step) index to the target sparsity.
+        start: first epoch (or step) at which masks are updated; the target is 0 before it.
+        end: epoch (or step) at which the final ``amount`` is reached; ``None`` is the last epoch
+            (or optimizer step) of training.
+        interval: ``"epoch"`` or ``"step"`` (optimizer steps, as ``trainer.global_step``).
+        frequency: update the masks every ``frequency`` epochs (or steps) from ``start`` to ``end``;
+            ``end`` is always an update.
+        method: ``"l1_unstructured"`` (smallest ``|w|``), ``"random_unstructured"`` (uniformly random entries),
+            or ``"ln_structured"`` (whole slices along ``dim`` with the smallest Ln norm).
+        scope: ``"global"`` (one threshold over all selected weights) or ``"layerwise"`` (the target for each
+            tensor separately). ``None``: global for unstructured methods, layerwise for ``ln_structured``.
+        norm: the ``n`` of the Ln norm, for ``ln_structured``.
+        dim: the dimension whose slices ``ln_structured`` prunes (0: output channels / rows).
+        parameters: ``None`` for every ``weight`` of Linear and Conv1d/2d/3d and ``weight_ih*``/``weight_hh*`` of
+            LSTM/GRU/RNN; or glob patterns over ``model.named_parameters()`` names, e.g. ``["net.*.weight"]``.
+        exclude: glob patterns removed from the selection (e.g. ``["head.*"]``).
+        make_permanent: at the end of training drop the masks, so that a later ``fit`` starts a new schedule;
+            ``False`` keeps them and a later ``fit`` keeps enforcing (and growing) them. The weights are plain
+            and sparse either way.
+        seed: seed of the generator of ``random_unstructured``; ``None`` draws one on rank zero and shares it.
+
+    Logged at each update and at the end of training, to every logger of the trainer: ``pruning/sparsity``
+    (measured fraction of exact zeros over the selected weights), ``pruning/target`` and
+    ``pruning/sparsity/<parameter name>``.
+    """
+
+    def __init__(
+        self,
+        amount: float = 0.5,
+        schedule: str | Callable[[int], float] = "cubic",
+        start: int = 0,
+        end: int | None = None,
+        interval: Literal["epoch", "step"] = "epoch",
+        frequency: int = 1,
+        method: Literal["l1_unstructured", "random_unstructured", "ln_structured"] = "l1_unstructured",
+        scope: Literal["global", "layerwise"] | None = None,
+        norm: float = 2,
+        dim: int = 0,
+        parameters: Sequence[str] | None = None,
+        exclude: Sequence[str] = (),
+        make_permanent: bool = True,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(amount, bool) or not isinstance(amount, numbers.Real) or not 0 <= amount < 1:
+            raise ValueError(f"`amount` must be a number in [0, 1), got {amount!r}")
+        self.schedule = validate_schedule(schedule)
+        if not _is_int(start) or start < 0:
+            raise ValueError(f"`start` must be an integer >= 0, got {start!r}")
+        if end is not None and (not _is_int(end) or end < start):
+            raise ValueError(f"`end` must be None or an integer >= start ({start}), got {end!r}")
+        if interval not in INTERVALS:
+            raise ValueError(f"`interval` must be one of {list(INTERVALS)}, got {interval!r}")
+        if not _is_int(frequency) or frequency < 1:
+            raise ValueError(f"`frequency` must be an integer >= 1, got {frequency!r}")
+        if method not in METHODS:
+            raise ValueError(f"`method` must be one of {list(METHODS)}, got {method!r}")
+        if scope is not None and scope not in SCOPES:
+            raise ValueError(f"`scope` must be None or one of {list(SCOPES)}, got {scope!r}")
+        if method == "ln_structured" and scope == "global":
+            raise ValueError(
+                "`scope='global'` is not supported with `method='ln_structured'`: structured pruning is layerwise. "
+                "Use scope=None or scope='layerwise'."
+            )
+        if isinstance(norm, bool) or not isinstance(norm, numbers.Real) or not norm > 0:
+            raise ValueError(f"`norm` must be a number > 0 (math.inf allowed), got {norm!r}")
+        if not _is_int(dim):
+            raise ValueError(f"`dim` must be an integer, got {dim!r}")
+        if isinstance(parameters, str):
+            parameters = [parameters]
+        if parameters is not None and not all(isinstance(p, str) for p in parameters):
+            raise ValueError(f"`parameters` must be None or a list of glob patterns (str), got {parameters!r}")
+        if isinstance(exclude, str):
+            exclude = [exclude]
+        if not all(isinstance(p, str) for p in exclude):
+            raise ValueError(f"`exclude` must be a list of glob patterns (str), got {exclude!r}")
+        if seed is not None and not _is_int(seed):
+            raise ValueError(f"`seed` must be None or an integer, got {seed!r}")
+
+        self.amount = float(amount)
+        self.start = int(start)
+        self.end = end
+        self.interval = interval
+        self.frequency = int(frequency)
+        self.method = method
+        self.scope = scope or ("layerwise" if method == "ln_structured" else "global")
+        self.norm = float(norm)
+        self.dim = int(dim)
+        self.parameters = list(parameters) if parameters is not None else None
+        self.exclude = list(exclude)
+        self.make_permanent = make_permanent
+        self.seed = seed
+
+        self._names: list[str] = []
+        self._weights: list[Tensor] = []
+        self._masks: list[Tensor] | None = None
+        self._last_index: int | None = None
+        self._last_target = 0.0
+        self._resolved_end: int | None = None
+        self._generator: torch.Generator | None = None
+        self._pending_state: dict[str, Any] | None = None
+        self._hook_handles: list[Any] = []
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            amount=self.amount, method=self.method, parameters=self.parameters, exclude=self.exclude
+        )
+
+    @property
+    def parameter_names(self) -> list[str]:
+        """Names of the selected parameters (known from ``setup`` on)."""
+        return list(self._names)
+
+    @property
+    def masks(self) -> dict[str, Tensor]:
+        """The current masks as bool tensors (True keeps a weight), empty when there are none."""
+        if self._masks is None:
+            return {}
+        return {name: mask != 0 for name, mask in zip(self._names, self._masks)}
+
+    # ------------------------------------------------------------------ setup: everything knowable up front
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        strategy = trainer.strategy
+        if isinstance(strategy, DeepSpeedStrategy) or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+            raise ValueError(
+                f"MagnitudePruning supports the single-device and DDP strategies; got {type(strategy).__name__}. "
+                "Sharded strategies (FSDP, DeepSpeed, model parallel) are not supported yet."
+            )
+        selected = select_parameters(pl_module, self.parameters, self.exclude)
+        if self.method == "ln_structured":
+            for name, param in selected.items():
+                if not -param.dim() <= self.dim < param.dim():
+                    raise ValueError(
+                        f"`dim={self.dim}` is out of range for parameter {name!r} of shape {tuple(param.shape)}"
+                    )
+        if self._names and self._names != list(selected):
+            self._masks = None  # another model or selection: old masks do not apply
+        self._names = list(selected)
+        if self.end is None and trainer.max_epochs in (None, -1) and trainer.max_steps == -1:
+            raise ValueError(
+                "`end=None` means the last epoch/step of training, but training is unbounded "
+                "(max_epochs=-1 and no max_steps). Set `end`, max_epochs or max_steps."
+            )
+        if self.method == "random_unstructured" and self._generator is None:
+            seed = self.seed
+            if seed is None:
+                seed = trainer.strategy.broadcast(int(torch.randint(0, 2**62, ()).item()), src=0)
+            self._generator = torch.Generator().manual_seed(int(seed))
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        named = dict(pl_module.named_parameters())
+        self._weights = [named[name] for name in self._names]
+        if self._pending_state is not None:
+            self._restore(self._pending_state)
+            self._pending_state = None
+        if self._masks is None:
+            self._masks = [torch.ones(w.shape, dtype=w.dtype, device=w.device) for w in self._weights]
+        else:
+            self._masks = [m.to(device=w.device, dtype=w.dtype) for m, w in zip(self._masks, self._weights)]
+        mask_engine.apply_masks(self._weights, self._masks)
+        self._resolved_end = self._resolve_end(trainer)
+        self._check_schedule_values()
+        self._remove_hooks()
+        for optimizer in trainer.optimizers:
+            self._hook_handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
+
+    def _resolve_end(self, trainer: pl.Trainer) -> int:
+        last = self._last_index_of_training(trainer)
+        end = self.end if self.end is not None else last
+        if end is None:
+            raise ValueError(
+                f"`end=None` with interval={self.interval!r} needs a known length of training, but the number of "
+                "optimizer steps is unbounded or unknown (max_time only, or a dataloader without length). Set `end`."
+            )
+        if last is not None and end > last:
+            rank_zero_warn(
+                f"MagnitudePruning: the schedule ends at {self.interval} {end} but training ends at {self.interval} "
+                f"{last}: the final sparsity {self.amount} will not be reached."
+            )
+        return end
+
+    def _last_index_of_training(self, trainer: pl.Trainer) -> int | None:
+        steps = trainer.estimated_stepping_batches
+        if self.interval == "step":
+            return int(steps) - 1 if math.isfinite(steps) else None
+        last = trainer.max_epochs - 1 if trainer.max_epochs not in (None, -1) else None
+        batches = trainer.num_training_batches
+        if trainer.max_steps != -1 and math.isfinite(batches) and batches > 0:
+            steps_per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
+            by_steps = math.ceil(trainer.max_steps / steps_per_epoch) - 1
+            last = by_steps if last is None else min(last, by_steps)
+        return last
+
+    def _check_schedule_values(self) -> None:
+        """Evaluate a callable schedule at every update index now, so a bad value fails before training."""
+        if not callable(self.schedule):
+            return
+        for index in range(self.start, self._resolved_end + 1):
+            if is_update_index(index, self.start, self._resolved_end, self.frequency):
+                value = self.schedule(index)
+                if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
+                    raise ValueError(
+                        f"`schedule` returned {value!r} for {self.interval} {index}; it must return a number in [0, 1)"
+                    )
+
+    # ------------------------------------------------------------------ training
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.interval == "epoch":
+            self._maybe_update(trainer, trainer.current_epoch)
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.interval == "step":
+            self._maybe_update(trainer, trainer.global_step)
+
+    def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        mask_engine.apply_masks(self._weights, self._masks)
+
+    def _maybe_update(self, trainer: pl.Trainer, index: int) -> None:
+        if index == self._last_index or not is_update_index(index, self.start, self._resolved_end, self.frequency):
+            return
+        target = target_sparsity(self.schedule, index, self.amount, self.start, self._resolved_end)
+        self._update_masks(target)
+        self._last_index = index
+        self._last_target = target
+        self._report(trainer, f"{self.interval} {index}")
+
+    def _update_masks(self, target: float) -> None:
+        """Grow the masks to ``target`` sparsity with the configured method and scope, and apply them."""
+        if self.method == "ln_structured":
+            mask_engine.update_structured(self._weights, self._masks, target, self.norm, self.dim)
+        else:
+            if self.method == "l1_unstructured":
+                scores = mask_engine.l1_scores(self._weights)
+            else:
+                scores = mask_engine.random_scores(self._weights, self._generator)
+            mask_engine.update_unstructured(self._weights, self._masks, target, scores, self.scope)
+        mask_engine.apply_masks(self._weights, self._masks)
+
+    def measured_sparsity(self) -> dict[str, float]:
+        """``pruning/sparsity`` and ``pruning/sparsity/<name>``: measured fractions of exact zeros."""
+        zeros = [int((w == 0).sum()) for w in self._weights]
+        sizes = [w.numel() for w in self._weights]
+        metrics = {report.SPARSITY: sum(zeros) / sum(sizes)}
+        for name, z, n in zip(self._names, zeros, sizes):
+            metrics[report.SPARSITY_PREFIX + name] = z / n
+        return metrics
+
+    def _report(self, trainer: pl.Trainer, when: str) -> None:
+        metrics = self.measured_sparsity()
+        metrics[report.TARGET] = self._last_target
+        report.log_to_loggers(trainer, metrics)
+        n = sum(w.numel() for w in self._weights)
+        rank_zero_info(
+            f"MagnitudePruning [{when}]: target sparsity {self._last_target:.2%}, measured "
+            f"{metrics[report.SPARSITY]:.2%} of {n:,} weights in {len(self._weights)} tensors"
+        )
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._remove_hooks()
+        if self._masks is None:
+            return
+        mask_engine.apply_masks(self._weights, self._masks)
+        self._report(trainer, "end of training")
+        if self.make_permanent:
+            self._masks = None
+            self._last_index = None
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._remove_hooks()
+
+    def _remove_hooks(self) -> None:
+        for handle in self._hook_handles:
+            handle.remove()
+        self._hook_handles = []
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "version": _STATE_VERSION,
+            "last_index": self._last_index,
+            "last_target": self._last_target,
+            "generator": self._generator.get_state() if self._generator is not None else None,
+            "masks": None,
+        }
+        if self._masks is not None:
+            state["masks"] = {name: (m != 0).cpu() for name, m in zip(self._names, self._masks)}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Applied at ``on_train_start``, when the parameters are on their device (restoring runs before that).
+        self._pending_state = state_dict
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"MagnitudePruning state version {state.get('version')!r} is not {_STATE_VERSION}")
+        self._last_index = state["last_index"]
+        self._last_target = state["last_target"]
+        if state["generator"] is not None:
+            self._generator = torch.Generator()
+            self._generator.set_state(state["generator"])
+        saved = state["masks"]
+        if saved is None:
+            self._masks = None
+            return
+        if list(saved) != self._names:
+            raise ValueError(
+                f"The checkpoint's pruning masks are for parameters {list(saved)}, but this run selects {self._names}"
+            )
+        for name, weight in zip(self._names, self._weights):
+            if tuple(saved[name].shape) != tuple(weight.shape):
+                raise ValueError(
+                    f"The checkpoint's mask for {name!r} has shape {tuple(saved[name].shape)}, "
+                    f"the parameter {tuple(weight.shape)}"
+                )
+        self._masks = [saved[name].to(device=w.device, dtype=w.dtype) for name, w in zip(self._names, self._weights)]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)

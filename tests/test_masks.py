@@ -1,0 +1,167 @@
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from lightning_compress import masks as engine
+
+
+def _layers(dtype=torch.float32):
+    torch.manual_seed(0)
+    return [nn.Linear(37, 29).to(dtype), nn.Conv2d(3, 8, 3).to(dtype), nn.Linear(29, 5).to(dtype)]
+
+
+def _ones(weights):
+    return [torch.ones(w.shape, dtype=w.dtype) for w in weights]
+
+
+def _torch_global_masks(layers, amount):
+    reference = copy.deepcopy(layers)
+    prune.global_unstructured([(m, "weight") for m in reference], pruning_method=prune.L1Unstructured, amount=amount)
+    return [m.weight_mask for m in reference]
+
+
+def _assert_equal_up_to_ties(weights, masks, expected):
+    """Same count; where the choices differ, the magnitudes tie (torch leaves the order of ties undefined)."""
+    ours = torch.cat([(m == 0).view(-1) for m in masks])
+    theirs = torch.cat([(m == 0).view(-1) for m in expected])
+    magnitude = torch.cat([w.detach().abs().view(-1) for w in weights])
+    assert int(ours.sum()) == int(theirs.sum())
+    differ = ours != theirs
+    assert differ.sum() < 0.01 * ours.numel()
+    if differ.any():
+        assert magnitude[differ].unique().numel() == 1
+        assert magnitude[differ][0] == magnitude[ours & ~differ].max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_global_l1_matches_torch_global_unstructured_while_growing(dtype):
+    layers = _layers(dtype)
+    weights = [m.weight for m in layers]
+    masks = _ones(weights)
+    for amount in (0.1, 0.35, 0.6, 0.9, 0.97):
+        engine.update_unstructured(weights, masks, amount, engine.l1_scores(weights), "global")
+        # torch prunes the same weights (already pruned ones are 0, hence the smallest) in one shot
+        expected = _torch_global_masks(layers, amount)
+        if dtype == torch.float16:
+            _assert_equal_up_to_ties(weights, masks, expected)
+        else:
+            for mask, ref in zip(masks, expected):
+                assert torch.equal(mask, ref.to(dtype))
+        engine.apply_masks(weights, masks)
+        n = sum(w.numel() for w in weights)
+        assert sum(int((w == 0).sum()) for w in weights) == round(amount * n)
+
+
+def test_layerwise_l1_matches_torch_l1_unstructured():
+    layers = _layers()
+    weights = [m.weight for m in layers]
+    masks = _ones(weights)
+    for amount in (0.25, 0.5, 0.8):
+        engine.update_unstructured(weights, masks, amount, engine.l1_scores(weights), "layerwise")
+        for layer, mask in zip(layers, masks):
+            reference = copy.deepcopy(layer)
+            prune.l1_unstructured(reference, "weight", amount)
+            assert torch.equal(mask, reference.weight_mask)
+        engine.apply_masks(weights, masks)
+
+
+@pytest.mark.parametrize("norm,dim", [(2, 0), (1, 0), (math.inf, 0), (2, 1), (2, -1)])
+def test_structured_matches_torch_ln_structured(norm, dim):
+    layers = _layers()
+    weights = [m.weight for m in layers]
+    masks = _ones(weights)
+    for amount in (0.2, 0.5, 0.75):
+        engine.update_structured(weights, masks, amount, norm, dim)
+        for layer, mask in zip(layers, masks):
+            reference = copy.deepcopy(layer)
+            prune.ln_structured(reference, "weight", amount, n=norm, dim=dim)
+            assert torch.equal(mask, reference.weight_mask)
+        engine.apply_masks(weights, masks)
+
+
+def test_multi_pass_narrowing_and_chunk_boundaries(monkeypatch):
+    """Tiny chunks and candidate limits force every radix pass; the result must not change."""
+    monkeypatch.setattr(engine, "CHUNK", 97)
+    monkeypatch.setattr(engine, "CANDIDATE_LIMIT", 3)
+    for dtype in (torch.float32, torch.float64):
+        layers = _layers(dtype)
+        weights = [m.weight for m in layers]
+        masks = _ones(weights)
+        for amount in (0.3, 0.7):
+            engine.update_unstructured(weights, masks, amount, engine.l1_scores(weights), "global")
+            for mask, ref in zip(masks, _torch_global_masks(layers, amount)):
+                assert torch.equal(mask, ref.to(dtype))
+            engine.apply_masks(weights, masks)
+
+
+def test_ties_prefer_already_pruned_then_lowest_index():
+    weight = torch.zeros(4, 5)
+    weight[0, :3] = 1.0  # a few nonzero entries; the rest tie at 0
+    mask = torch.ones_like(weight)
+    mask.view(-1)[[17, 18]] = 0  # already pruned, tied at 0 with the others
+    engine.update_unstructured([weight], [mask], 0.5, engine.l1_scores([weight]), "global")
+    pruned = (mask.view(-1) == 0).nonzero().squeeze(1).tolist()
+    # 10 entries: the 2 already pruned, then the 8 lowest indices among the zero-valued ones (3..10)
+    assert pruned == [3, 4, 5, 6, 7, 8, 9, 10, 17, 18]
+
+
+def test_ties_across_tensors_go_to_the_earlier_tensor():
+    weights = [torch.full((3,), 0.5), torch.full((3,), 0.5)]
+    masks = _ones(weights)
+    engine.update_unstructured(weights, masks, 4 / 6, engine.l1_scores(weights), "global")
+    assert masks[0].tolist() == [0, 0, 0] and masks[1].tolist() == [0, 1, 1]
+
+
+def test_masks_never_regrow():
+    layers = _layers()
+    weights = [m.weight for m in layers]
+    masks = _ones(weights)
+    engine.update_unstructured(weights, masks, 0.6, engine.l1_scores(weights), "global")
+    before = [m.clone() for m in masks]
+    with torch.no_grad():
+        for w in weights:
+            w.add_(torch.randn_like(w))  # pruned weights now have large magnitudes
+    engine.update_unstructured(weights, masks, 0.3, engine.l1_scores(weights), "global")
+    assert all(torch.equal(a, b) for a, b in zip(masks, before))
+    engine.update_unstructured(weights, masks, 0.7, engine.l1_scores(weights), "global")
+    assert all(bool((b == 0)[a != 0].sum() == 0) for a, b in zip(masks, before)), "a pruned weight regrew"
+
+
+def test_random_count_growth_and_reproducibility():
+    weights = [torch.randn(50, 40), torch.randn(30, 10)]
+    n = sum(w.numel() for w in weights)
+
+    def run(seed):
+        generator = torch.Generator().manual_seed(seed)
+        masks = _ones(weights)
+        history = []
+        for amount in (0.2, 0.5, 0.8):
+            engine.update_unstructured(weights, masks, amount, engine.random_scores(weights, generator), "global")
+            assert sum(int((m == 0).sum()) for m in masks) == round(amount * n)
+            history.append([m.clone() for m in masks])
+        return history
+
+    first, again, other = run(1), run(1), run(2)
+    for earlier, later in zip(first, first[1:]):
+        assert all(bool(((a == 0) & (b != 0)).sum() == 0) for a, b in zip(earlier, later))
+    assert all(torch.equal(a, b) for step_a, step_b in zip(first, again) for a, b in zip(step_a, step_b))
+    assert not all(torch.equal(a, b) for a, b in zip(first[-1], other[-1]))
+    # random, not magnitude: about half of the pruned entries lie below the median magnitude (magnitude: all)
+    pruned = first[0][0] == 0
+    below_median = weights[0].abs() < weights[0].abs().median()
+    assert 0.35 < float(below_median[pruned].float().mean()) < 0.65
+
+
+def test_count_to_prune_rounds_like_torch():
+    assert engine.count_to_prune(0.25, 10) == round(2.5) == 2
+    assert engine.count_to_prune(0.35, 10) == 4
+    t = torch.randn(10)
+    assert int((prune.L1Unstructured(0.25).compute_mask(t, torch.ones(10)) == 0).sum()) == 2
+
+
+def test_sparsity_counts_exact_zeros():
+    assert engine.sparsity([torch.tensor([0.0, -0.0, 1e-30, 2.0])]) == 0.5
