@@ -1,0 +1,54 @@
+"""Run by tests/test_ddp.py as `python ddp_script.py OUT_DIR METHOD [quantize]`: 2 CPU processes, strategy="ddp".
+
+Lightning's launcher starts rank 1 by running this same command again. Each rank writes what it ended with to
+OUT_DIR/rank<k>.pt, for the test to compare.
+"""
+
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from digits import DigitsDataModule, DigitsMLP  # noqa: E402
+
+from lightning_compress import MagnitudePruning  # noqa: E402
+
+
+def main(out_dir: Path, method: str, quantize: bool) -> None:
+    pl.seed_everything(0, verbose=False)
+    pruning = MagnitudePruning(amount=0.7, method=method, make_permanent=False)
+    callbacks = [pruning]
+    quant = None
+    if quantize:
+        from lightning_compress import DynamicQuantization
+
+        quant = DynamicQuantization()
+        callbacks.append(quant)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=3,
+        callbacks=callbacks,
+        logger=pl.loggers.CSVLogger(out_dir, name="logs"),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    model = DigitsMLP(hidden=32)
+    trainer.fit(model, datamodule=DigitsDataModule())
+    torch.save(
+        {
+            "state_dict": model.state_dict(),
+            "masks": pruning.masks,
+            "quantized": quant is not None and quant.quantized_model is not None,
+            "is_global_zero": trainer.is_global_zero,
+        },
+        out_dir / f"rank{trainer.global_rank}.pt",
+    )
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2], len(sys.argv) > 3 and sys.argv[3] == "quantize")

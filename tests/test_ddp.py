@@ -1,0 +1,31 @@
+"""DDP with 2 CPU processes (gloo): every rank ends with identical masks and weights."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).with_name("ddp_script.py")
+
+
+def _run(tmp_path, *args):
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path), *args], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+
+
+@pytest.mark.parametrize("method", ["l1_unstructured", "random_unstructured"])
+def test_ranks_agree_on_masks_and_weights(tmp_path, method):
+    rank0, rank1 = _run(tmp_path, method)
+    assert rank0["masks"] and rank0["masks"].keys() == rank1["masks"].keys()
+    for name in rank0["masks"]:
+        assert torch.equal(rank0["masks"][name], rank1["masks"][name]), name
+    for name in rank0["state_dict"]:
+        assert torch.equal(rank0["state_dict"][name], rank1["state_dict"][name]), name
+    kept = sum(int(m.sum()) for m in rank0["masks"].values())
+    total = sum(m.numel() for m in rank0["masks"].values())
+    assert 1 - kept / total == pytest.approx(0.7, abs=1e-3)
