@@ -1,0 +1,105 @@
+"""Training-step time with masks in force: plain training vs MagnitudePruning vs Lightning's ModelPruning.
+
+A 5.3M-parameter MLP (512-2048-2048-10), batch 128, SGD with momentum, CPU. Each run trains 2 epochs; the
+pruning callbacks reach 90% sparsity before epoch 1 (ModelPruning prunes at the end of epoch 0), and only
+epoch 1's batches are timed (on_train_batch_start to on_train_batch_end: forward, backward, optimizer step
+and the masks' re-application). Configurations alternate round by round; medians over all rounds.
+
+    python benchmarks/step_overhead.py [--rounds 5] [--batches 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+import warnings
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback, ModelPruning
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_compress import MagnitudePruning
+
+warnings.filterwarnings("ignore")
+logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+
+
+class MLP(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(512, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 10))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+
+
+class BatchTimer(Callback):
+    def __init__(self):
+        self.times: list[float] = []
+
+    def on_train_batch_start(self, trainer, *args):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.current_epoch == 1:
+            self.times.append(time.perf_counter() - self._start)
+
+
+def configs():
+    return {
+        "plain": lambda: [],
+        "MagnitudePruning": lambda: [MagnitudePruning(amount=0.9, schedule="constant")],
+        "ModelPruning": lambda: [
+            ModelPruning(
+                "l1_unstructured", amount=0.9, use_global_unstructured=True, verbose=0, make_pruning_permanent=True
+            )
+        ],
+    }
+
+
+def run(callbacks, data) -> list[float]:
+    torch.manual_seed(0)
+    timer = BatchTimer()
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        callbacks=[*callbacks, timer],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(MLP(), DataLoader(data, batch_size=128))
+    return timer.times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batches", type=int, default=30)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    n = args.batches * 128
+    data = TensorDataset(torch.randn(n, 512), torch.randint(0, 10, (n,)))
+    times: dict[str, list[float]] = {name: [] for name in configs()}
+    for _ in range(args.rounds):
+        for name, make in configs().items():
+            times[name].extend(run(make(), data))
+    plain = statistics.median(times["plain"])
+    print(f"step time, median of {len(times['plain'])} steps per configuration ({torch.get_num_threads()} threads)")
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"  {name:18s} {median * 1e3:7.2f} ms   {median / plain:.3f}x plain")
+
+
+if __name__ == "__main__":
+    main()
