@@ -112,7 +112,8 @@ def main() -> None:
     for method, values in med.items():
         sparsity = results[method][0]["sparsity"]
         print(
-            f"  {method:20s} {values['seconds']:.3f} s   peak +{values['peak_overhead_mb']:.0f} MB   sparsity {sparsity:.4f}"
+            f"  {method:20s} {values['seconds']:.3f} s   peak +{values['peak_overhead_mb']:.0f} MB"
+            f"   sparsity {sparsity:.4f}"
         )
     ours, theirs = med["lightning_compress"], med["ModelPruning"]
     print(
