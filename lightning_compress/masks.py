@@ -114,9 +114,7 @@ def prune_smallest(scores: ScoreSource, masks: Sequence[Tensor], k: int) -> None
                 stop = min(start + CHUNK, flat.numel())
                 yield _sortable_keys(scores(i, start, stop), flat[start:stop], wide), flat[start:stop]
 
-    prefix, shift, below, count = _narrow_prefix(
-        lambda: (key for key, _ in chunks()), new, 63 if wide else 31, already
-    )
+    prefix, shift, below, count = _narrow_prefix(lambda: (key for key, _ in chunks()), new, 63 if wide else 31, already)
     # Candidates go into buffers sized up front: appending many small tensors between the chunks' large
     # temporaries fragments the heap (measured: +250 MB resident on 50M weights).
     cand_keys = torch.empty(count, dtype=torch.int64 if wide else torch.int32)

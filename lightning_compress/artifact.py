@@ -1,0 +1,113 @@
+"""Standalone artifacts of quantized models: ``save_quantized`` / ``load_quantized``.
+
+Format: a TorchScript archive (``torch.jit.trace`` with one real input batch, then ``torch.jit.save``) that
+carries a small JSON header, ``lightning_compress.json``, with the format name and version.
+
+Why TorchScript: a fresh process loads it with nothing but torch (no user model class, no pickle of user code),
+and libtorch loads it from C++ too. In torch 2.13 it is deprecated but supported, and it is the only standalone
+format that holds dynamically quantized LSTMs: ``torch.export`` fails on them, and ``torch.save`` of the module
+pickles the user's class. A trace records the operations run for the example batch, so models whose forward
+branches on data are not traced faithfully; the saved artifact is therefore loaded back and compared with the
+model on the example batch before ``save_quantized`` returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import zipfile
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_compress.backends import torch_internal_warnings_silenced
+
+FORMAT = "lightning_compress.quantized"
+VERSION = 1
+_HEADER = "lightning_compress.json"
+
+
+def save_quantized(model: nn.Module, example_input: Any, path: str | os.PathLike, **metadata: Any) -> None:
+    """Trace ``model`` on ``example_input`` and write a standalone artifact to ``path``.
+
+    Raises:
+        RuntimeError: the reloaded artifact does not reproduce the model's output on ``example_input``.
+    """
+    model.eval()
+    header = {"format": FORMAT, "version": VERSION, "torch": torch.__version__, **metadata}
+    with torch_internal_warnings_silenced(), torch.inference_mode(), _lightning_scripting(model):
+        traced = torch.jit.trace(model, example_input, check_trace=False)
+        torch.jit.save(traced, os.fspath(path), _extra_files={_HEADER: json.dumps(header)})
+        expected = model(example_input)
+    actual = load_quantized(path)(example_input)
+    if not _same(expected, actual):
+        raise RuntimeError(
+            f"The traced artifact at {path} does not reproduce the model's output on the example batch; the model's "
+            "forward may depend on its input's values (data-dependent control flow), which tracing cannot record."
+        )
+
+
+@contextlib.contextmanager
+def _lightning_scripting(model: nn.Module) -> Iterator[None]:
+    """Tell LightningModules they are being compiled, as Lightning's own ``to_torchscript`` does.
+
+    Tracing inspects every attribute, and a LightningModule's ``trainer`` property raises once it is detached.
+    """
+    flagged = [m for m in model.modules() if hasattr(m, "_jit_is_scripting")]
+    previous = [m.__dict__.get("_jit_is_scripting") for m in flagged]
+    for m in flagged:
+        m._jit_is_scripting = True
+    try:
+        yield
+    finally:
+        for m, value in zip(flagged, previous):
+            if value is None:
+                del m.__dict__["_jit_is_scripting"]  # back to the class attribute
+            else:
+                m._jit_is_scripting = value
+
+
+def load_quantized(path: str | os.PathLike) -> torch.jit.ScriptModule:
+    """Load an artifact written by ``DynamicQuantization(save_path=...)`` or :func:`save_quantized`.
+
+    Needs only torch: not the training code, not lightning_compress's callbacks.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No quantized artifact at {path}")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not a lightning_compress quantized artifact (not a TorchScript archive)")
+    extra = {_HEADER: ""}
+    with torch_internal_warnings_silenced():
+        module = torch.jit.load(path, map_location="cpu", _extra_files=extra)
+    try:
+        header = json.loads(extra[_HEADER])
+    except json.JSONDecodeError:
+        header = {}
+    if header.get("format") != FORMAT:
+        raise ValueError(f"{path} is a TorchScript archive but not a lightning_compress quantized artifact")
+    if header.get("version") != VERSION:
+        raise ValueError(
+            f"{path} has artifact format version {header.get('version')!r}; this lightning_compress reads version "
+            f"{VERSION}. Upgrade lightning_compress to load it."
+        )
+    return module.eval()
+
+
+def read_header(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON header of an artifact (format, version, torch version, dtype, ...)."""
+    extra = {_HEADER: ""}
+    with torch_internal_warnings_silenced():
+        torch.jit.load(os.fspath(path), map_location="cpu", _extra_files=extra)
+    return json.loads(extra[_HEADER])
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, (tuple, list)):
+        return isinstance(b, (tuple, list)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b

@@ -1,0 +1,123 @@
+"""Measuring a model: accuracy over a dataloader (torchmetrics), serialized size, CPU latency, sparsity.
+
+Plain PyTorch: usable without a Trainer. Every figure is measured on the model it is given, never estimated.
+Batches are ``(input, target)`` pairs (the first two items of a tuple/list batch).
+"""
+
+from __future__ import annotations
+
+import io
+import statistics
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+import torchmetrics
+from torch import Tensor, nn
+
+
+def split_batch(batch: Any) -> tuple[Any, Any]:
+    """``(input, target)`` of a batch given as a tuple/list whose first two items are those."""
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[0], batch[1]
+    raise ValueError(
+        f"Evaluation batches must be (input, target) tuples or lists; got a {type(batch).__name__}. "
+        "Pass `dataloader=` with such batches."
+    )
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(to_device(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def default_metric(output: Tensor) -> torchmetrics.Metric:
+    """Multiclass accuracy of the logits' argmax; the number of classes is the output's last dimension."""
+    if output.dim() < 2:
+        raise ValueError(
+            f"The default metric (multiclass accuracy) needs logits of shape (batch, classes); the model returned "
+            f"shape {tuple(output.shape)}. Pass `metric=` (a torchmetrics Metric) that fits the model's output."
+        )
+    return torchmetrics.Accuracy(task="multiclass", num_classes=output.shape[-1])
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, batches: Iterable[Any], metric: torchmetrics.Metric) -> float:
+    """``metric`` (reset first) over all ``batches``, on the CPU; the model is put in eval mode."""
+    model.eval()
+    metric = metric.to("cpu")
+    metric.reset()
+    for batch in batches:
+        x, y = split_batch(batch)
+        metric.update(model(x), y)
+    value = metric.compute()
+    metric.reset()
+    return float(value)
+
+
+def serialized_size_bytes(model: nn.Module) -> int:
+    """Bytes of ``torch.save(model.state_dict())``: what storing the weights really costs."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getbuffer().nbytes
+
+
+@torch.inference_mode()
+def latency_ms(model: nn.Module, inputs: list[Any], warmup: int = 3, min_samples: int = 20) -> float:
+    """Median wall time per batch in milliseconds, on the CPU, after ``warmup`` batches.
+
+    The inputs are cycled until at least ``min_samples`` batches were timed (each batch once at least).
+    """
+    model.eval()
+    if not inputs:
+        raise ValueError("latency needs at least one input batch")
+    for x in _cycle(inputs, warmup):
+        model(x)
+    times = []
+    for x in _cycle(inputs, max(min_samples, len(inputs))):
+        start = time.perf_counter()
+        model(x)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def _cycle(items: list[Any], count: int) -> Iterator[Any]:
+    for i in range(count):
+        yield items[i % len(items)]
+
+
+def zero_fraction(tensors: Iterable[Tensor]) -> float:
+    """Fraction of entries exactly equal to zero (quantized tensors compared after dequantization)."""
+    zeros = total = 0
+    for t in tensors:
+        if t.is_quantized:
+            t = t.dequantize()
+        zeros += int((t == 0).sum())
+        total += t.numel()
+    return zeros / total if total else float("nan")
+
+
+def quantized_weights(model: nn.Module) -> dict[str, Tensor]:
+    """Float (dequantized) weights of a dynamically quantized model, named as in the float model.
+
+    Quantized Linear layers expose ``weight()``, quantized RNNs ``get_weight()``; float layers that were not
+    quantized are included as they are.
+    """
+    weights: dict[str, Tensor] = {}
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        if hasattr(module, "get_weight") and callable(module.get_weight):
+            items = module.get_weight().items()
+        elif hasattr(module, "_packed_params") and callable(getattr(module, "weight", None)):
+            items = [("weight", module.weight())]
+        else:
+            items = module.named_parameters(recurse=False)
+        for name, value in items:
+            weights[prefix + name] = value.dequantize() if value.is_quantized else value.detach()
+    return weights
