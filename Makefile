@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 
 test: $(VENV)/.installed
 	$(PY) -m ruff check .
-	$(PY) -m pytest
+	$(PY) -m pytest -q
 
 demo: $(VENV)/.installed
 	$(PY) examples/digits_mlp.py

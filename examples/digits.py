@@ -82,7 +82,7 @@ class DigitsMLP(_Classifier):
 class DigitsLSTM(_Classifier):
     """An LSTM that reads each digit as 8 rows of 8 pixels, then a linear head on the last hidden state."""
 
-    def __init__(self, hidden: int = 64, lr: float = 0.1) -> None:
+    def __init__(self, hidden: int = 64, lr: float = 0.01) -> None:
         super().__init__(lr)
         self.save_hyperparameters()
         self.lstm = nn.LSTM(input_size=8, hidden_size=hidden, batch_first=True)
@@ -92,3 +92,6 @@ class DigitsLSTM(_Classifier):
         rows = x.reshape(x.shape[0], 8, 8)
         output, _ = self.lstm(rows)
         return self.head(output[:, -1])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)

@@ -1,8 +1,31 @@
-"""Lightning callbacks that make trained models smaller and faster without changing how you train."""
+"""Lightning callbacks that make trained models smaller and faster without changing how you train.
 
-from lightning_compress.artifact import load_quantized, save_quantized
-from lightning_compress.pruning import MagnitudePruning
-from lightning_compress.quantization import DynamicQuantization, QuantizationError
+Names are imported lazily, so that ``from lightning_compress import load_quantized`` in a serving process
+needs only torch (not Lightning, not the training code).
+"""
 
-__all__ = ["DynamicQuantization", "MagnitudePruning", "QuantizationError", "load_quantized", "save_quantized"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "MagnitudePruning": "lightning_compress.pruning",
+    "DynamicQuantization": "lightning_compress.quantization",
+    "QuantizationError": "lightning_compress.quantization",
+    "load_quantized": "lightning_compress.artifact",
+    "save_quantized": "lightning_compress.artifact",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'lightning_compress' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

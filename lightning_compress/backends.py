@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import warnings
 from collections.abc import Iterator
 
@@ -26,20 +27,32 @@ DTYPES = {"qint8": torch.qint8, "float16": torch.float16}
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
 
+# Notices that torch raises about its own APIs, which we call and the user did not.
+_INTERNAL_NOTICES = re.compile(
+    r"torch\.ao\.quantization is deprecated"
+    r"|quantized tensor creation functions .* are deprecated"
+    r"|`torch\.jit\.\w+` is deprecated"
+    # torchmetrics' deprecated property, read by torch.jit.trace as it walks a LightningModule's metrics
+    r"|Use `Metric\.updated_called` instead"
+)
+
+
 @contextlib.contextmanager
 def torch_internal_warnings_silenced() -> Iterator[None]:
-    """Drop warnings that torch raises from its own files about its own internals while we call it.
+    """Drop the warnings torch raises about its own internals while we call it; re-emit every other one.
 
-    The user did not call torch.ao or torch.jit, and can do nothing about their deprecation notices or the
-    tracer's remarks on torch's quantized LSTM code. Every other warning (raised from the user's code, or by
-    anything outside torch) is re-emitted unchanged.
+    Dropped: deprecation notices of torch.ao quantization, quantized tensor creation and torch.jit (the user did
+    not call them and cannot act on them; the README says which backend we use and why), and tracer remarks
+    raised inside torch's own files (its quantized LSTM code). Everything else, the user's own warnings
+    included, is re-emitted unchanged.
     """
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         yield
     for w in caught:
-        internal = w.filename.startswith(_TORCH_DIR) or w.filename == __file__
-        if internal and issubclass(w.category, (DeprecationWarning, UserWarning, torch.jit.TracerWarning)):
+        if _INTERNAL_NOTICES.search(str(w.message)):
+            continue
+        if issubclass(w.category, torch.jit.TracerWarning) and w.filename.startswith(_TORCH_DIR):
             continue
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 

@@ -19,7 +19,6 @@ tensor at a time, so extra memory is a few temporaries of the largest single ten
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import torch
@@ -212,12 +211,3 @@ def apply_masks(weights: Iterable[Tensor], masks: Iterable[Tensor]) -> None:
     """Zero the pruned entries in place (``w *= mask``)."""
     for w, m in zip(weights, masks):
         w.mul_(m)
-
-
-def sparsity(tensors: Iterable[Tensor]) -> float:
-    """Fraction of entries that are exactly zero over all ``tensors`` (NaN for none)."""
-    zeros, total = 0, 0
-    for t in tensors:
-        zeros += int((t == 0).sum())
-        total += t.numel()
-    return zeros / total if total else math.nan

@@ -138,6 +138,11 @@ class DynamicQuantization(Callback):
 
     def _metric_for(self, output: torch.Tensor) -> torchmetrics.Metric:
         metric = self.metric.clone() if self.metric is not None else measure.default_metric(output)
+        # Only rank zero evaluates: a metric that synced across processes would wait for the others forever.
+        # torchmetrics reads `_to_sync` (set from the `sync_on_compute` constructor argument) in `compute`.
+        metric.sync_on_compute = False
+        metric._to_sync = False
+        metric.dist_sync_on_step = False
         return metric.to("cpu")
 
     def _batches(self, trainer: pl.Trainer) -> Iterator[Any]:
@@ -219,7 +224,11 @@ def _raw_val_dataloaders(trainer: pl.Trainer) -> Any:
 
 
 def _names(types: Iterable[type]) -> str:
-    return ", ".join(t.__name__ for t in types)
+    types = set(types)
+    ordered = [t for t in SUPPORTED_MODULES if t in types] + sorted(
+        (t for t in types if t not in SUPPORTED_MODULES), key=str
+    )
+    return ", ".join(t.__name__ for t in ordered)
 
 
 def _describe(value: Any) -> str:

@@ -29,3 +29,19 @@ def test_ranks_agree_on_masks_and_weights(tmp_path, method):
     kept = sum(int(m.sum()) for m in rank0["masks"].values())
     total = sum(m.numel() for m in rank0["masks"].values())
     assert 1 - kept / total == pytest.approx(0.7, abs=1e-3)
+
+
+def test_quantization_runs_once_on_rank_zero(tmp_path):
+    import csv
+
+    rank0, rank1 = _run(tmp_path, "l1_unstructured", "quantize")
+    assert rank0["is_global_zero"] and rank0["quantized"]
+    assert not rank1["is_global_zero"] and not rank1["quantized"]
+    (metrics,) = tmp_path.glob("logs/*/metrics.csv")
+    with open(metrics) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("quantization/accuracy_after")]
+    assert len(rows) == 1
+    # rank zero evaluated the whole validation set (359 digits), not its half of a distributed sampler
+    assert float(rows[0]["quantization/accuracy_before"]) * 359 == pytest.approx(
+        round(float(rows[0]["quantization/accuracy_before"]) * 359), abs=1e-3
+    )

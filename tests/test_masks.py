@@ -163,5 +163,7 @@ def test_count_to_prune_rounds_like_torch():
     assert int((prune.L1Unstructured(0.25).compute_mask(t, torch.ones(10)) == 0).sum()) == 2
 
 
-def test_sparsity_counts_exact_zeros():
-    assert engine.sparsity([torch.tensor([0.0, -0.0, 1e-30, 2.0])]) == 0.5
+def test_zero_fraction_counts_exact_zeros():
+    from lightning_compress.measure import zero_fraction
+
+    assert zero_fraction([torch.tensor([0.0, -0.0, 1e-30, 2.0])]) == 0.5
