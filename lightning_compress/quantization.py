@@ -46,6 +46,8 @@ class DynamicQuantization(Callback):
         dataloader: evaluation data of ``(input, target)`` batches; default: the trainer's validation
             dataloader(s), as the LightningModule/DataModule define them (the full set, also under DDP).
         save_path: write a standalone artifact there (see :func:`lightning_compress.load_quantized`).
+        baseline_accuracy: optional accuracy of a reference model measured elsewhere (say, the same model
+            trained without pruning), shown beside the measured figures in the summary table.
 
     Logged once at the end of fit, to every logger: ``quantization/accuracy_before``,
     ``quantization/accuracy_after`` (with ``evaluate``), ``quantization/size_mb_before``,
@@ -62,6 +64,7 @@ class DynamicQuantization(Callback):
         metric: torchmetrics.Metric | None = None,
         dataloader: DataLoader | None = None,
         save_path: str | os.PathLike | None = None,
+        baseline_accuracy: float | None = None,
     ) -> None:
         super().__init__()
         by_dtype = {v: k for k, v in DTYPES.items()}
@@ -91,7 +94,9 @@ class DynamicQuantization(Callback):
         self.dataloader = dataloader
         self.save_path = os.fspath(save_path) if save_path is not None else None
         self.quantized_model: nn.Module | None = None
+        self.baseline_accuracy = baseline_accuracy
         self.results: dict[str, float] = {}
+        self.layer_sparsity: dict[str, tuple[float, float]] = {}
         self._module_types: set[type[nn.Module]] = set()
 
     # ------------------------------------------------------------------ before training: fail fast
@@ -183,21 +188,25 @@ class DynamicQuantization(Callback):
             results[report.LATENCY_AFTER] = measure.latency_ms(quantized, inputs)
         results[report.SIZE_BEFORE] = measure.serialized_size_bytes(float_model) / 1e6
         results[report.SIZE_AFTER] = measure.serialized_size_bytes(quantized) / 1e6
-        pruned = _pruned_parameter_names(trainer)
+        float_weights = dict(float_model.named_parameters())
+        quantized_weights = measure.quantized_weights(quantized)
+        pruned = [n for n in _pruned_parameter_names(trainer) if n in float_weights and n in quantized_weights]
+        self.layer_sparsity = {
+            n: (measure.zero_fraction([float_weights[n]]), measure.zero_fraction([quantized_weights[n]]))
+            for n in pruned
+        }
         if pruned:
-            float_weights = dict(float_model.named_parameters())
-            quantized_weights = measure.quantized_weights(quantized)
-            results[report.SPARSITY] = measure.zero_fraction(float_weights[n] for n in pruned if n in float_weights)
-            results[report.SPARSITY_AFTER] = measure.zero_fraction(
-                quantized_weights[n] for n in pruned if n in quantized_weights
-            )
+            results[report.SPARSITY] = measure.zero_fraction(float_weights[n] for n in pruned)
+            results[report.SPARSITY_AFTER] = measure.zero_fraction(quantized_weights[n] for n in pruned)
         if self.save_path is not None:
             example = measure.split_batch(next(iter(self._batches(trainer))))[0]
             save_quantized(quantized, example, self.save_path, dtype=self.dtype)
         self.quantized_model = quantized
         self.results = results
         report.log_to_loggers(trainer, results)
-        rank_zero_info(report.quantization_table(results, self.dtype, self.save_path))
+        rank_zero_info(
+            report.summary_table(results, self.dtype, self.layer_sparsity, self.baseline_accuracy, self.save_path)
+        )
 
 
 def _first_output(model: nn.Module, x: Any) -> torch.Tensor:

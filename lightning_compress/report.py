@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import csv
+import os
 from collections.abc import Mapping
+from pathlib import Path
 
 import lightning.pytorch as pl
 
@@ -21,7 +24,8 @@ def log_to_loggers(trainer: pl.Trainer, metrics: Mapping[str, float]) -> None:
     if not trainer.is_global_zero or not metrics:
         return
     for logger in trainer.loggers:
-        logger.log_metrics(dict(metrics), step=trainer.global_step)
+        # "epoch" as Lightning adds it to `LightningModule.log` metrics, so rows can be plotted against epochs
+        logger.log_metrics({**metrics, "epoch": trainer.current_epoch}, step=trainer.global_step)
 
 
 ACCURACY_BEFORE = "quantization/accuracy_before"
@@ -33,21 +37,104 @@ LATENCY_AFTER = "quantization/latency_ms_after"
 SPARSITY_AFTER = "quantization/sparsity_after"
 
 
-def quantization_table(results: Mapping[str, float], dtype: str, save_path: str | None = None) -> str:
-    """A short before/after table of what quantization did, every figure measured in this run."""
-    rows = [
-        ("accuracy", ACCURACY_BEFORE, ACCURACY_AFTER, "{:.4f}"),
-        ("size (MB)", SIZE_BEFORE, SIZE_AFTER, "{:.3f}"),
-        ("latency (ms/batch)", LATENCY_BEFORE, LATENCY_AFTER, "{:.3f}"),
-        ("sparsity", SPARSITY, SPARSITY_AFTER, "{:.2%}"),
-    ]
-    lines = [f"DynamicQuantization ({dtype}):", f"  {'':20s} {'float':>12s} {dtype:>12s} {'ratio':>8s}"]
-    for label, before_key, after_key, fmt in rows:
-        if before_key not in results or after_key not in results:
-            continue
-        before, after = results[before_key], results[after_key]
-        ratio = f"{before / after:.2f}x" if label in ("size (MB)", "latency (ms/batch)") and after else ""
-        lines.append(f"  {label:20s} {fmt.format(before):>12s} {fmt.format(after):>12s} {ratio:>8s}")
+def summary_table(
+    results: Mapping[str, float],
+    dtype: str,
+    layer_sparsity: Mapping[str, tuple[float, float]] | None = None,
+    baseline_accuracy: float | None = None,
+    save_path: str | None = None,
+) -> str:
+    """The end-of-fit summary: sparsity per layer and overall, accuracy, size and latency, float vs quantized.
+
+    Every figure comes from ``results`` and ``layer_sparsity`` (``name -> (float, quantized)`` fractions of
+    zeros), which ``DynamicQuantization`` measured in this run; ``baseline_accuracy`` is shown as given.
+    """
+    width = max([len("latency (ms/batch)"), *(len(n) + 2 for n in layer_sparsity or {})])
+    lines = [f"lightning_compress summary ({dtype}, every figure measured in this run):"]
+    lines.append(f"  {'':{width}s} {'float':>12s} {dtype:>12s} {'ratio':>8s}")
+
+    def row(label: str, before: float | None, after: float | None, fmt: str, ratio: bool = False) -> None:
+        cells = [fmt.format(v) if v is not None else "" for v in (before, after)]
+        shown = f"{before / after:.2f}x" if ratio and before is not None and after else ""
+        lines.append(f"  {label:{width}s} {cells[0]:>12s} {cells[1]:>12s} {shown:>8s}")
+
+    for name, (before, after) in (layer_sparsity or {}).items():
+        row(f"  {name}", before, after, "{:.2%}")
+    if SPARSITY in results:
+        row("sparsity (overall)", results[SPARSITY], results.get(SPARSITY_AFTER), "{:.2%}")
+    if baseline_accuracy is not None:
+        row("accuracy, dense", baseline_accuracy, None, "{:.4f}")
+    if ACCURACY_BEFORE in results:
+        label = "accuracy, pruned" if SPARSITY in results else "accuracy"
+        row(label, results[ACCURACY_BEFORE], results[ACCURACY_AFTER], "{:.4f}")
+    row("size (MB)", results[SIZE_BEFORE], results[SIZE_AFTER], "{:.3f}", ratio=True)
+    if LATENCY_BEFORE in results:
+        row("latency (ms/batch)", results[LATENCY_BEFORE], results[LATENCY_AFTER], "{:.3f}", ratio=True)
+    if baseline_accuracy is not None:
+        lines.append("  accuracy, dense: the same model trained without pruning, as measured by the caller")
     if save_path:
         lines.append(f"  artifact: {save_path}")
     return "\n".join(lines)
+
+
+PLOT_HINT = "Plotting needs matplotlib: pip install 'lightning_compress[plot]'"
+
+
+def plot_metrics(
+    metrics_csv: str | os.PathLike, path: str | os.PathLike | None = None, accuracy_key: str | None = None
+) -> Path:
+    """Plot target and measured sparsity and validation accuracy against epoch, from a CSVLogger metrics file.
+
+    Args:
+        metrics_csv: the ``metrics.csv`` of a run (``CSVLogger(...).log_dir``).
+        path: where to write the PNG; default ``sparsity.png`` beside ``metrics_csv``.
+        accuracy_key: the accuracy column; default: the first column whose name starts with ``val`` and contains
+            ``acc``.
+
+    Returns:
+        The path of the PNG.
+
+    Raises:
+        ImportError: matplotlib is not installed (``pip install 'lightning_compress[plot]'``).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise ImportError(PLOT_HINT) from error
+    metrics_csv = Path(metrics_csv)
+    with open(metrics_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    columns = list(rows[0]) if rows else []
+    if accuracy_key is None:
+        accuracy_key = next((c for c in columns if c.startswith("val") and "acc" in c), None)
+
+    def series(key: str) -> tuple[list[float], list[float]]:
+        points = [(float(r["epoch"]), float(r[key])) for r in rows if r.get(key) not in (None, "") and r.get("epoch")]
+        return [p[0] for p in points], [p[1] for p in points]
+
+    figure, sparsity_axis = plt.subplots(figsize=(7, 4))
+    for key, style, label in ((TARGET, "--", "target sparsity"), (SPARSITY, "-o", "measured sparsity")):
+        x, y = series(key)
+        if x:
+            sparsity_axis.plot(x, y, style, label=label)
+    sparsity_axis.set_xlabel("epoch (masks updated at the start of an epoch)")
+    sparsity_axis.set_ylabel("sparsity")
+    sparsity_axis.set_ylim(0, 1)
+    handles, labels = sparsity_axis.get_legend_handles_labels()
+    if accuracy_key:
+        accuracy_axis = sparsity_axis.twinx()
+        x, y = series(accuracy_key)
+        accuracy_axis.plot(x, y, "-s", color="tab:green", label=accuracy_key)
+        accuracy_axis.set_ylabel(accuracy_key)
+        more_handles, more_labels = accuracy_axis.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    sparsity_axis.legend(handles, labels, loc="lower right")
+    sparsity_axis.set_title("Pruning schedule and recovery")
+    figure.tight_layout()
+    out = Path(path) if path is not None else metrics_csv.with_name("sparsity.png")
+    figure.savefig(out, dpi=100)
+    plt.close(figure)
+    return out

@@ -117,12 +117,20 @@ def test_artifact_round_trip_in_a_fresh_process_without_the_model_code(mlp_run, 
     assert torch.equal(torch.load(tmp_path / "y.pt"), expected)
 
 
-def test_summary_table_is_printed(mlp_run, caplog):
-    from lightning_compress.report import quantization_table
+def test_summary_table_shows_the_measured_figures(mlp_run):
+    from lightning_compress.report import summary_table
 
-    table = quantization_table(mlp_run["quant"].results, "qint8", "model.ts")
-    acc = mlp_run["quant"].results["quantization/accuracy_after"]
-    assert f"{acc:.4f}" in table and "size (MB)" in table and "latency" in table and "80.00%" in table
+    quant = mlp_run["quant"]
+    table = summary_table(quant.results, "qint8", quant.layer_sparsity, baseline_accuracy=0.987, save_path="m.ts")
+    results = quant.results
+    assert f"{results['quantization/accuracy_after']:.4f}" in table and "0.9870" in table
+    size_ratio = results["quantization/size_mb_before"] / results["quantization/size_mb_after"]
+    assert f"{size_ratio:.2f}x" in table and "latency (ms/batch)" in table
+    for name in ("net.0.weight", "net.2.weight", "net.4.weight"):
+        float_sparsity, quantized_sparsity = quant.layer_sparsity[name]
+        assert float_sparsity == pytest.approx(float((mlp_run["snapshot"].state[name] == 0).float().mean()))
+        assert f"{name}" in table and f"{float_sparsity:.2%}" in table
+    assert "sparsity (overall)" in table and "80.00%" in table
 
 
 def test_lstm_pruned_and_quantized(quiet_trainer_kwargs, tmp_path):
