@@ -82,9 +82,34 @@ def run(callbacks, data) -> list[float]:
     return timer.times
 
 
+def isolated_mask_cost(steps: int) -> tuple[float, float]:
+    """Median plain training step and median mask re-application (the post-step hook's work), interleaved."""
+    from lightning_compress import masks as engine
+
+    torch.manual_seed(0)
+    model = MLP()
+    optimizer = model.configure_optimizers()
+    x, y = torch.randn(128, 512), torch.randint(0, 10, (128,))
+    weights = [model.net[i].weight for i in (0, 2, 4)]
+    masks = [torch.ones_like(w) for w in weights]
+    engine.update_unstructured(weights, masks, 0.9, engine.l1_scores(weights), "global")
+    step_times, apply_times = [], []
+    for _ in range(steps):
+        start = time.perf_counter()
+        optimizer.zero_grad()
+        F.cross_entropy(model.net(x), y).backward()
+        optimizer.step()
+        middle = time.perf_counter()
+        engine.apply_masks(weights, masks)
+        end = time.perf_counter()
+        step_times.append(middle - start)
+        apply_times.append(end - middle)
+    return statistics.median(step_times), statistics.median(apply_times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--batches", type=int, default=30)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -99,6 +124,9 @@ def main() -> None:
     for name, values in times.items():
         median = statistics.median(values)
         print(f"  {name:18s} {median * 1e3:7.2f} ms   {median / plain:.3f}x plain")
+    step, apply = isolated_mask_cost(200)
+    print(f"isolated, 200 interleaved steps: plain step {step * 1e3:.2f} ms, mask re-application {apply * 1e3:.2f} ms")
+    print(f"  -> (step + masks) / step = {(step + apply) / step:.3f}x")
 
 
 if __name__ == "__main__":

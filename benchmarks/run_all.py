@@ -1,0 +1,11 @@
+"""Run every benchmark in turn (`make bench`); each prints its own table. Several minutes on 2 cores."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+for script in ("step_overhead.py", "mask_update.py", "quantization.py"):
+    print(f"\n$ python benchmarks/{script}", flush=True)
+    subprocess.run([sys.executable, str(HERE / script)], check=True)
