@@ -17,6 +17,8 @@ _EXPORTS = {
     "QuantizationError": "lightning_compress.quantization",
     "load_quantized": "lightning_compress.artifact",
     "save_quantized": "lightning_compress.artifact",
+    "save_compressed": "lightning_compress.compressed",
+    "load_compressed": "lightning_compress.compressed",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -14,6 +14,7 @@ model on the example batch before ``save_quantized`` returns.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import zipfile
@@ -28,6 +29,7 @@ from lightning_compress.backends import torch_internal_warnings_silenced
 FORMAT = "lightning_compress.quantized"
 VERSION = 1
 _HEADER = "lightning_compress.json"
+COMPRESSED_MAGIC = b"LCOMPRS\x00"  # files of lightning_compress.compressed, which load_quantized reads too
 
 
 def save_quantized(model: nn.Module, example_input: Any, path: str | os.PathLike, **metadata: Any) -> None:
@@ -36,17 +38,31 @@ def save_quantized(model: nn.Module, example_input: Any, path: str | os.PathLike
     Raises:
         RuntimeError: the reloaded artifact does not reproduce the model's output on ``example_input``.
     """
+    archive = traced_archive(model, example_input, **metadata)
+    with open(path, "wb") as f:
+        f.write(archive)
+
+
+def traced_archive(model: nn.Module, example_input: Any, **metadata: Any) -> bytes:
+    """The bytes of a verified TorchScript archive of ``model`` traced on ``example_input``, with our header."""
     model.eval()
     header = {"format": FORMAT, "version": VERSION, "torch": torch.__version__, **metadata}
+    buffer = io.BytesIO()
     with torch_internal_warnings_silenced(), torch.inference_mode(), _lightning_scripting(model):
         traced = torch.jit.trace(model, example_input, check_trace=False)
-        torch.jit.save(traced, os.fspath(path), _extra_files={_HEADER: json.dumps(header)})
-        expected = model(example_input)
-    actual = load_quantized(path)(example_input)
+        torch.jit.save(traced, buffer, _extra_files={_HEADER: json.dumps(header)})
+    verify_reproduces(model, _load_archive(buffer.getvalue(), "the traced model"), example_input)
+    return buffer.getvalue()
+
+
+def verify_reproduces(model: nn.Module, loaded: nn.Module, example_input: Any) -> None:
+    """Raise ``RuntimeError`` unless ``loaded`` gives exactly ``model``'s output on ``example_input``."""
+    with torch.inference_mode():
+        expected, actual = model(example_input), loaded(example_input)
     if not _same(expected, actual):
         raise RuntimeError(
-            f"The traced artifact at {path} does not reproduce the model's output on the example batch; the model's "
-            "forward may depend on its input's values (data-dependent control flow), which tracing cannot record."
+            "The saved artifact does not reproduce the model's output on the example batch; the model's forward "
+            "may depend on its input's values (data-dependent control flow), which tracing cannot record."
         )
 
 
@@ -73,25 +89,35 @@ def _lightning_scripting(model: nn.Module) -> Iterator[None]:
 def load_quantized(path: str | os.PathLike) -> torch.jit.ScriptModule:
     """Load an artifact written by ``DynamicQuantization(save_path=...)`` or :func:`save_quantized`.
 
-    Needs only torch: not the training code, not lightning_compress's callbacks.
+    Needs only torch: not the training code, not Lightning.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"No quantized artifact at {path}")
+    with open(path, "rb") as f:
+        if f.read(len(COMPRESSED_MAGIC)) == COMPRESSED_MAGIC:
+            from lightning_compress.compressed import load_compressed
+
+            return load_compressed(path)
     if not zipfile.is_zipfile(path):
         raise ValueError(f"{path} is not a lightning_compress quantized artifact (not a TorchScript archive)")
+    with open(path, "rb") as f:
+        return _load_archive(f.read(), path)
+
+
+def _load_archive(archive: bytes, source: str) -> torch.jit.ScriptModule:
     extra = {_HEADER: ""}
     with torch_internal_warnings_silenced():
-        module = torch.jit.load(path, map_location="cpu", _extra_files=extra)
+        module = torch.jit.load(io.BytesIO(archive), map_location="cpu", _extra_files=extra)
     try:
         header = json.loads(extra[_HEADER])
     except json.JSONDecodeError:
         header = {}
     if header.get("format") != FORMAT:
-        raise ValueError(f"{path} is a TorchScript archive but not a lightning_compress quantized artifact")
+        raise ValueError(f"{source} is a TorchScript archive but not a lightning_compress quantized artifact")
     if header.get("version") != VERSION:
         raise ValueError(
-            f"{path} has artifact format version {header.get('version')!r}; this lightning_compress reads version "
+            f"{source} has artifact format version {header.get('version')!r}; this lightning_compress reads version "
             f"{VERSION}. Upgrade lightning_compress to load it."
         )
     return module.eval()

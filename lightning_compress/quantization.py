@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from lightning_compress import measure, report
 from lightning_compress.artifact import save_quantized
 from lightning_compress.backends import DTYPES, SUPPORTED_MODULES, quantize_dynamic_copy
+from lightning_compress.compressed import save_compressed
 
 #: Latency is timed on (up to) this many evaluation batches.
 LATENCY_BATCHES = 32
@@ -46,6 +47,8 @@ class DynamicQuantization(Callback):
         dataloader: evaluation data of ``(input, target)`` batches; default: the trainer's validation
             dataloader(s), as the LightningModule/DataModule define them (the full set, also under DDP).
         save_path: write a standalone artifact there (see :func:`lightning_compress.load_quantized`).
+        compress: write ``save_path`` in the compressed format (see :mod:`lightning_compress.compressed`): the
+            zeros pruning made cost about a bit each; ``load_quantized`` and ``load_compressed`` both read it.
         baseline_accuracy: optional accuracy of a reference model measured elsewhere (say, the same model
             trained without pruning), shown beside the measured figures in the summary table.
 
@@ -53,7 +56,8 @@ class DynamicQuantization(Callback):
     ``quantization/accuracy_after`` (with ``evaluate``), ``quantization/size_mb_before``,
     ``quantization/size_mb_after`` (bytes of the serialized state dict / 1e6),
     ``quantization/latency_ms_before``, ``quantization/latency_ms_after`` (median per batch over the evaluation
-    data, on the CPU, after warm-up), and ``pruning/sparsity`` when a pruning callback ran.
+    data, on the CPU, after warm-up), ``quantization/size_mb_compressed`` (bytes of the compressed artifact / 1e6,
+    with ``compress=True``), and ``pruning/sparsity`` when a pruning callback ran.
     """
 
     def __init__(
@@ -65,6 +69,7 @@ class DynamicQuantization(Callback):
         dataloader: DataLoader | None = None,
         save_path: str | os.PathLike | None = None,
         baseline_accuracy: float | None = None,
+        compress: bool = False,
     ) -> None:
         super().__init__()
         by_dtype = {v: k for k, v in DTYPES.items()}
@@ -87,6 +92,9 @@ class DynamicQuantization(Callback):
             raise ValueError(f"`metric` must be a torchmetrics.Metric or None, got {type(metric).__name__}")
         if dataloader is not None and not isinstance(dataloader, Iterable):
             raise ValueError(f"`dataloader` must be an iterable of (input, target) batches, got {dataloader!r}")
+        if compress and save_path is None:
+            raise ValueError("`compress=True` needs `save_path`: it is the format of the saved artifact")
+        self.compress = compress
         self.dtype = dtype
         self.modules = modules
         self.evaluate = evaluate
@@ -200,7 +208,11 @@ class DynamicQuantization(Callback):
             results[report.SPARSITY_AFTER] = measure.zero_fraction(quantized_weights[n] for n in pruned)
         if self.save_path is not None:
             example = measure.split_batch(next(iter(self._batches(trainer))))[0]
-            save_quantized(quantized, example, self.save_path, dtype=self.dtype)
+            if self.compress:
+                size = save_compressed(quantized, example, self.save_path, dtype=self.dtype)
+                results[report.SIZE_COMPRESSED] = size / 1e6
+            else:
+                save_quantized(quantized, example, self.save_path, dtype=self.dtype)
         self.quantized_model = quantized
         self.results = results
         report.log_to_loggers(trainer, results)

@@ -35,6 +35,7 @@ SIZE_AFTER = "quantization/size_mb_after"
 LATENCY_BEFORE = "quantization/latency_ms_before"
 LATENCY_AFTER = "quantization/latency_ms_after"
 SPARSITY_AFTER = "quantization/sparsity_after"
+SIZE_COMPRESSED = "quantization/size_mb_compressed"
 
 
 def summary_table(
@@ -49,7 +50,7 @@ def summary_table(
     Every figure comes from ``results`` and ``layer_sparsity`` (``name -> (float, quantized)`` fractions of
     zeros), which ``DynamicQuantization`` measured in this run; ``baseline_accuracy`` is shown as given.
     """
-    width = max([len("latency (ms/batch)"), *(len(n) + 2 for n in layer_sparsity or {})])
+    width = max([len("size compressed (MB)"), *(len(n) + 2 for n in layer_sparsity or {})])
     lines = [f"lightning_compress summary ({dtype}, every figure measured in this run):"]
     lines.append(f"  {'':{width}s} {'float':>12s} {dtype:>12s} {'ratio':>8s}")
 
@@ -68,6 +69,8 @@ def summary_table(
         label = "accuracy, pruned" if SPARSITY in results else "accuracy"
         row(label, results[ACCURACY_BEFORE], results[ACCURACY_AFTER], "{:.4f}")
     row("size (MB)", results[SIZE_BEFORE], results[SIZE_AFTER], "{:.3f}", ratio=True)
+    if SIZE_COMPRESSED in results:
+        row("size compressed (MB)", results[SIZE_BEFORE], results[SIZE_COMPRESSED], "{:.3f}", ratio=True)
     if LATENCY_BEFORE in results:
         row("latency (ms/batch)", results[LATENCY_BEFORE], results[LATENCY_AFTER], "{:.3f}", ratio=True)
     if baseline_accuracy is not None:
