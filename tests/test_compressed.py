@@ -1,6 +1,4 @@
 import struct
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -54,22 +52,11 @@ def test_float_pruned_model_round_trip_is_smaller_than_dense(tmp_path):
     assert torch.equal(load_compressed(tmp_path / "f.lcz")(x), model(x))
 
 
-def test_fresh_process_round_trip_via_both_loaders(digits_artifact, tmp_path):
+def test_fresh_process_round_trip_via_both_loaders(digits_artifact, run_in_fresh_process):
     x = torch.rand(5, 64)
-    torch.save(x, tmp_path / "x.pt")
-    code = (
-        "import sys, torch\n"
-        "from lightning_compress import load_compressed, load_quantized\n"
-        f"x = torch.load({str(tmp_path / 'x.pt')!r})\n"
-        f"a = load_compressed({str(digits_artifact['path'])!r})(x)\n"
-        f"b = load_quantized({str(digits_artifact['path'])!r})(x)\n"
-        "assert torch.equal(a, b)\n"
-        f"torch.save(a, {str(tmp_path / 'y.pt')!r})\n"
-        "assert 'lightning' not in sys.modules\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert torch.equal(torch.load(tmp_path / "y.pt"), digits_artifact["quantized"](x))
+    expected = digits_artifact["quantized"](x)
+    assert torch.equal(run_in_fresh_process("load_compressed", digits_artifact["path"], x), expected)
+    assert torch.equal(run_in_fresh_process("load_quantized", digits_artifact["path"], x), expected)
 
 
 def test_every_single_flipped_byte_is_refused(digits_artifact):

@@ -1,6 +1,4 @@
 import csv
-import subprocess
-import sys
 import warnings
 
 import lightning.pytorch as pl
@@ -101,20 +99,10 @@ def test_zeros_stay_zeros_after_quantization(mlp_run):
         assert torch.all(weights[name][pruned] == 0), name
 
 
-def test_artifact_round_trip_in_a_fresh_process_without_the_model_code(mlp_run, tmp_path):
+def test_artifact_round_trip_in_a_fresh_process_without_the_model_code(mlp_run, run_in_fresh_process):
     x = torch.rand(17, 64)
-    torch.save(x, tmp_path / "x.pt")
-    code = (
-        "import sys, torch\n"
-        "from lightning_compress import load_quantized\n"
-        f"m = load_quantized({str(mlp_run['root'] / 'model.ts')!r})\n"
-        f"torch.save(m(torch.load({str(tmp_path / 'x.pt')!r})), {str(tmp_path / 'y.pt')!r})\n"
-        "assert 'digits' not in sys.modules and 'lightning' not in sys.modules\n"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    expected = mlp_run["quant"].quantized_model(x)
-    assert torch.equal(torch.load(tmp_path / "y.pt"), expected)
+    loaded = run_in_fresh_process("load_quantized", mlp_run["root"] / "model.ts", x)
+    assert torch.equal(loaded, mlp_run["quant"].quantized_model(x))
 
 
 def test_summary_table_shows_the_measured_figures(mlp_run):
