@@ -61,7 +61,9 @@ def main() -> None:
     log_dir = Path(csv_logger.log_dir)
     end = args.end if args.end is not None else max(int(args.epochs * 0.6), 1)
     pruning = MagnitudePruning(amount=args.amount, schedule=args.schedule, end=end)
-    quantization = DynamicQuantization(dtype="qint8", save_path=log_dir / "model_int8.ts", baseline_accuracy=baseline)
+    quantization = DynamicQuantization(
+        dtype="qint8", save_path=log_dir / "model_int8.lcz", compress=True, baseline_accuracy=baseline
+    )
 
     pl.seed_everything(args.seed, verbose=False)
     trainer = pl.Trainer(max_epochs=args.epochs, callbacks=[pruning, quantization], logger=loggers)
