@@ -109,11 +109,18 @@ class DynamicQuantization(Callback):
 
     # ------------------------------------------------------------------ before training: fail fast
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage == "fit" and self.evaluate and self.dataloader is None and not _has_val_data(trainer):
+        if stage != "fit" or self.dataloader is not None or _has_val_data(trainer):
+            return
+        if self.evaluate:
             raise ValueError(
                 "DynamicQuantization(evaluate=True) needs evaluation data, but the trainer has no validation "
                 "dataloader. Define `val_dataloader`, pass `val_dataloaders` to `fit`, pass `dataloader=`, or set "
                 "`evaluate=False`."
+            )
+        if self.save_path is not None:
+            raise ValueError(
+                "DynamicQuantization(save_path=...) traces the model on one real input batch, but there is no "
+                "validation dataloader to take it from. Pass `dataloader=` or provide validation data."
             )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

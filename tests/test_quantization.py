@@ -252,6 +252,18 @@ def test_evaluate_without_validation_data_fails_at_setup(quiet_trainer_kwargs):
     )
 
 
+def test_save_path_without_any_batch_to_trace_fails_at_setup(quiet_trainer_kwargs, tmp_path):
+    dm = DigitsDataModule()
+    dm.setup()
+    _fails_before_training(
+        [DynamicQuantization(evaluate=False, save_path=tmp_path / "m.ts")],
+        DigitsMLP(hidden=8),
+        quiet_trainer_kwargs,
+        "traces the model on one real input batch",
+        train_dataloaders=dm.train_dataloader(),
+    )
+
+
 def test_metric_that_does_not_fit_the_output_fails_before_training(quiet_trainer_kwargs):
     _fails_before_training(
         [DynamicQuantization(metric=torchmetrics.MeanSquaredError())],
