@@ -123,14 +123,6 @@ def _load_archive(archive: bytes, source: str) -> torch.jit.ScriptModule:
     return module.eval()
 
 
-def read_header(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON header of an artifact (format, version, torch version, dtype, ...)."""
-    extra = {_HEADER: ""}
-    with torch_internal_warnings_silenced():
-        torch.jit.load(os.fspath(path), map_location="cpu", _extra_files=extra)
-    return json.loads(extra[_HEADER])
-
-
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, torch.Tensor):
         return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)

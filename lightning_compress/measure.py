@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import statistics
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -94,13 +94,23 @@ def _cycle(items: list[Any], count: int) -> Iterator[Any]:
 
 def zero_fraction(tensors: Iterable[Tensor]) -> float:
     """Fraction of entries exactly equal to zero (quantized tensors compared after dequantization)."""
-    zeros = total = 0
-    for t in tensors:
-        if t.is_quantized:
-            t = t.dequantize()
-        zeros += int((t == 0).sum())
-        total += t.numel()
-    return zeros / total if total else float("nan")
+    counts = [_zeros_and_size(t) for t in tensors]
+    total = sum(size for _, size in counts)
+    return sum(zeros for zeros, _ in counts) / total if total else float("nan")
+
+
+def sparsity_by_name(tensors: Mapping[str, Tensor]) -> tuple[float, dict[str, float]]:
+    """The fraction of exact zeros over all ``tensors`` together, and per name; each tensor is read once."""
+    counts = {name: _zeros_and_size(t) for name, t in tensors.items()}
+    total = sum(size for _, size in counts.values())
+    overall = sum(zeros for zeros, _ in counts.values()) / total if total else float("nan")
+    return overall, {name: zeros / size for name, (zeros, size) in counts.items()}
+
+
+def _zeros_and_size(t: Tensor) -> tuple[int, int]:
+    if t.is_quantized:
+        t = t.dequantize()
+    return int((t == 0).sum()), t.numel()
 
 
 def quantized_weights(model: nn.Module) -> dict[str, Tensor]:

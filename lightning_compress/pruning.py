@@ -15,7 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_compress import masks as mask_engine
-from lightning_compress import report
+from lightning_compress import measure, report
 from lightning_compress.schedules import is_update_index, target_sparsity, validate_schedule
 from lightning_compress.selection import select_parameters
 
@@ -284,12 +284,8 @@ class MagnitudePruning(Callback):
 
     def measured_sparsity(self) -> dict[str, float]:
         """``pruning/sparsity`` and ``pruning/sparsity/<name>``: measured fractions of exact zeros."""
-        zeros = [int((w == 0).sum()) for w in self._weights]
-        sizes = [w.numel() for w in self._weights]
-        metrics = {report.SPARSITY: sum(zeros) / sum(sizes)}
-        for name, z, n in zip(self._names, zeros, sizes):
-            metrics[report.SPARSITY_PREFIX + name] = z / n
-        return metrics
+        overall, by_name = measure.sparsity_by_name(dict(zip(self._names, self._weights)))
+        return {report.SPARSITY: overall, **{report.SPARSITY_PREFIX + name: v for name, v in by_name.items()}}
 
     def _report(self, trainer: pl.Trainer, when: str) -> None:
         metrics = self.measured_sparsity()

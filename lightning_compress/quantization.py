@@ -194,8 +194,10 @@ class DynamicQuantization(Callback):
         float_model = copy.deepcopy(pl_module).cpu().eval()  # the LightningModule itself is never modified
         quantized = quantize_dynamic_copy(float_model, DTYPES[self.dtype], self._module_types)
         results: dict[str, float] = {}
-        if self.evaluate:
+        inputs = []
+        if self.evaluate or self.save_path is not None:
             inputs = [measure.split_batch(b)[0] for b in itertools.islice(self._batches(trainer), LATENCY_BATCHES)]
+        if self.evaluate:
             metric = self._metric_for(_first_output(float_model, inputs[0]))
             results[report.ACCURACY_BEFORE] = measure.evaluate(float_model, self._batches(trainer), metric)
             results[report.ACCURACY_AFTER] = measure.evaluate(quantized, self._batches(trainer), metric)
@@ -206,20 +208,18 @@ class DynamicQuantization(Callback):
         float_weights = dict(float_model.named_parameters())
         quantized_weights = measure.quantized_weights(quantized)
         pruned = [n for n in _pruned_parameter_names(trainer) if n in float_weights and n in quantized_weights]
-        self.layer_sparsity = {
-            n: (measure.zero_fraction([float_weights[n]]), measure.zero_fraction([quantized_weights[n]]))
-            for n in pruned
-        }
+        float_overall, float_layers = measure.sparsity_by_name({n: float_weights[n] for n in pruned})
+        quantized_overall, quantized_layers = measure.sparsity_by_name({n: quantized_weights[n] for n in pruned})
+        self.layer_sparsity = {n: (float_layers[n], quantized_layers[n]) for n in pruned}
         if pruned:
-            results[report.SPARSITY] = measure.zero_fraction(float_weights[n] for n in pruned)
-            results[report.SPARSITY_AFTER] = measure.zero_fraction(quantized_weights[n] for n in pruned)
+            results[report.SPARSITY] = float_overall
+            results[report.SPARSITY_AFTER] = quantized_overall
         if self.save_path is not None:
-            example = measure.split_batch(next(iter(self._batches(trainer))))[0]
             if self.compress:
-                size = save_compressed(quantized, example, self.save_path, dtype=self.dtype)
+                size = save_compressed(quantized, inputs[0], self.save_path, dtype=self.dtype)
                 results[report.SIZE_COMPRESSED] = size / 1e6
             else:
-                save_quantized(quantized, example, self.save_path, dtype=self.dtype)
+                save_quantized(quantized, inputs[0], self.save_path, dtype=self.dtype)
         self.quantized_model = quantized
         self.results = results
         report.log_to_loggers(trainer, results)
