@@ -32,6 +32,7 @@ _INTERNAL_NOTICES = re.compile(
     r"torch\.ao\.quantization is deprecated"
     r"|quantized tensor creation functions .* are deprecated"
     r"|`torch\.jit\.\w+` is deprecated"
+    r"|Sparse CSR tensor support is in beta state"
     # torchmetrics' deprecated property, read by torch.jit.trace as it walks a LightningModule's metrics
     r"|Use `Metric\.updated_called` instead"
 )
@@ -57,9 +58,19 @@ def torch_internal_warnings_silenced() -> Iterator[None]:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
-def quantize_dynamic_copy(model: nn.Module, dtype: torch.dtype, module_types: set[type[nn.Module]]) -> nn.Module:
-    """A dynamically quantized copy of the CPU float ``model``; ``model`` itself is left untouched."""
+def quantize_dynamic_copy(
+    model: nn.Module, dtype: torch.dtype, targets: set[type[nn.Module]] | set[type[nn.Module] | str]
+) -> nn.Module:
+    """A dynamically quantized copy of the CPU float ``model``; ``model`` itself is left untouched.
+
+    ``targets``: module types to quantize wherever they occur, and/or qualified names of single modules.
+    """
+    qconfig = (
+        torch.ao.quantization.default_dynamic_qconfig
+        if dtype == torch.qint8
+        else torch.ao.quantization.float16_dynamic_qconfig
+    )
     with torch_internal_warnings_silenced():
         return torch.ao.quantization.quantize_dynamic(
-            model, qconfig_spec=set(module_types), dtype=dtype, inplace=False
+            model, qconfig_spec=dict.fromkeys(targets, qconfig), dtype=dtype, inplace=False
         ).eval()

@@ -116,13 +116,16 @@ def _zeros_and_size(t: Tensor) -> tuple[int, int]:
 def quantized_weights(model: nn.Module) -> dict[str, Tensor]:
     """Float (dequantized) weights of a dynamically quantized model, named as in the float model.
 
-    Quantized Linear layers expose ``weight()``, quantized RNNs ``get_weight()``; float layers that were not
-    quantized are included as they are.
+    Quantized Linear layers expose ``weight()``, quantized RNNs ``get_weight()``, sparse layers a CSR ``weight``;
+    float layers that were not quantized are included as they are.
     """
     weights: dict[str, Tensor] = {}
     for module_name, module in model.named_modules():
         prefix = f"{module_name}." if module_name else ""
-        if hasattr(module, "get_weight") and callable(module.get_weight):
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, Tensor) and weight.layout == torch.sparse_csr:
+            items = [("weight", weight.to_dense())]
+        elif hasattr(module, "get_weight") and callable(module.get_weight):
             items = module.get_weight().items()
         elif hasattr(module, "_packed_params") and callable(getattr(module, "weight", None)):
             items = [("weight", module.weight())]

@@ -6,7 +6,7 @@ import copy
 import itertools
 import os
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -20,6 +20,7 @@ from lightning_compress import measure, report
 from lightning_compress.artifact import save_quantized
 from lightning_compress.backends import DTYPES, SUPPORTED_MODULES, quantize_dynamic_copy
 from lightning_compress.compressed import save_compressed
+from lightning_compress.kernels import KernelChoice, build_with_kernels, choose_linear_kernels
 
 #: Latency is timed on (up to) this many evaluation batches.
 LATENCY_BATCHES = 32
@@ -49,6 +50,9 @@ class DynamicQuantization(Callback):
         save_path: write a standalone artifact there (see :func:`lightning_compress.load_quantized`).
         compress: write ``save_path`` in the compressed format (see :mod:`lightning_compress.compressed`): the
             zeros pruning made cost about a bit each; ``load_quantized`` and ``load_compressed`` both read it.
+        sparse_kernels: ``"auto"``: for each quantizable Linear, time quantized dense, fp32 sparse (CSR) and fp32
+            dense on the activations of a real evaluation batch and keep the fastest (see
+            :mod:`lightning_compress.kernels`); ``"off"``: quantize every Linear.
         baseline_accuracy: optional accuracy of a reference model measured elsewhere (say, the same model
             trained without pruning), shown beside the measured figures in the summary table.
 
@@ -57,7 +61,8 @@ class DynamicQuantization(Callback):
     ``quantization/size_mb_after`` (bytes of the serialized state dict / 1e6),
     ``quantization/latency_ms_before``, ``quantization/latency_ms_after`` (median per batch over the evaluation
     data, on the CPU, after warm-up), ``quantization/size_mb_compressed`` (bytes of the compressed artifact / 1e6,
-    with ``compress=True``), and ``pruning/sparsity`` when a pruning callback ran.
+    with ``compress=True``), ``quantization/kernel_speedup/<layer>`` (fp32 dense time / chosen kernel's time,
+    with ``sparse_kernels="auto"``), and ``pruning/sparsity`` when a pruning callback ran.
     """
 
     def __init__(
@@ -70,6 +75,7 @@ class DynamicQuantization(Callback):
         save_path: str | os.PathLike | None = None,
         baseline_accuracy: float | None = None,
         compress: bool = False,
+        sparse_kernels: Literal["auto", "off"] = "off",
     ) -> None:
         super().__init__()
         by_dtype = {v: k for k, v in DTYPES.items()}
@@ -92,6 +98,10 @@ class DynamicQuantization(Callback):
             raise ValueError(f"`metric` must be a torchmetrics.Metric or None, got {type(metric).__name__}")
         if dataloader is not None and not isinstance(dataloader, Iterable):
             raise ValueError(f"`dataloader` must be an iterable of (input, target) batches, got {dataloader!r}")
+        if sparse_kernels not in ("auto", "off"):
+            raise ValueError(f"`sparse_kernels` must be one of ['auto', 'off'], got {sparse_kernels!r}")
+        self.sparse_kernels = sparse_kernels
+        self.kernel_choices: dict[str, KernelChoice] = {}
         if compress and save_path is None:
             raise ValueError("`compress=True` needs `save_path`: it is the format of the saved artifact")
         self.compress = compress
@@ -117,10 +127,11 @@ class DynamicQuantization(Callback):
                 "dataloader. Define `val_dataloader`, pass `val_dataloaders` to `fit`, pass `dataloader=`, or set "
                 "`evaluate=False`."
             )
-        if self.save_path is not None:
+        if self.save_path is not None or self.sparse_kernels == "auto":
             raise ValueError(
-                "DynamicQuantization(save_path=...) traces the model on one real input batch, but there is no "
-                "validation dataloader to take it from. Pass `dataloader=` or provide validation data."
+                "DynamicQuantization(save_path=...) and sparse_kernels='auto' need one real input batch (to trace "
+                "the model, to time kernels), but there is no validation dataloader to take it from. Pass "
+                "`dataloader=` or provide validation data."
             )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -192,11 +203,18 @@ class DynamicQuantization(Callback):
 
     def _quantize_and_measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         float_model = copy.deepcopy(pl_module).cpu().eval()  # the LightningModule itself is never modified
-        quantized = quantize_dynamic_copy(float_model, DTYPES[self.dtype], self._module_types)
         results: dict[str, float] = {}
         inputs = []
-        if self.evaluate or self.save_path is not None:
+        if self.evaluate or self.save_path is not None or self.sparse_kernels == "auto":
             inputs = [measure.split_batch(b)[0] for b in itertools.islice(self._batches(trainer), LATENCY_BATCHES)]
+        dtype = DTYPES[self.dtype]
+        if self.sparse_kernels == "auto" and nn.Linear in self._module_types:
+            self.kernel_choices = choose_linear_kernels(float_model, inputs[0], dtype)
+            quantized = build_with_kernels(float_model, self.kernel_choices, dtype, self._module_types)
+            for name, choice in self.kernel_choices.items():
+                results[report.KERNEL_SPEEDUP_PREFIX + name] = choice.speedup
+        else:
+            quantized = quantize_dynamic_copy(float_model, dtype, self._module_types)
         if self.evaluate:
             metric = self._metric_for(_first_output(float_model, inputs[0]))
             results[report.ACCURACY_BEFORE] = measure.evaluate(float_model, self._batches(trainer), metric)
@@ -224,7 +242,9 @@ class DynamicQuantization(Callback):
         self.results = results
         report.log_to_loggers(trainer, results)
         rank_zero_info(
-            report.summary_table(results, self.dtype, self.layer_sparsity, self.baseline_accuracy, self.save_path)
+            report.summary_table(
+                results, self.dtype, self.layer_sparsity, self.baseline_accuracy, self.save_path, self.kernel_choices
+            )
         )
 
 

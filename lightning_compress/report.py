@@ -6,6 +6,7 @@ import csv
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 
@@ -36,6 +37,7 @@ LATENCY_BEFORE = "quantization/latency_ms_before"
 LATENCY_AFTER = "quantization/latency_ms_after"
 SPARSITY_AFTER = "quantization/sparsity_after"
 SIZE_COMPRESSED = "quantization/size_mb_compressed"
+KERNEL_SPEEDUP_PREFIX = "quantization/kernel_speedup/"
 
 
 def summary_table(
@@ -44,6 +46,7 @@ def summary_table(
     layer_sparsity: Mapping[str, tuple[float, float]] | None = None,
     baseline_accuracy: float | None = None,
     save_path: str | None = None,
+    kernel_choices: Mapping[str, Any] | None = None,
 ) -> str:
     """The end-of-fit summary: sparsity per layer and overall, accuracy, size and latency, float vs quantized.
 
@@ -75,6 +78,12 @@ def summary_table(
         row("latency (ms/batch)", results[LATENCY_BEFORE], results[LATENCY_AFTER], "{:.3f}", ratio=True)
     if baseline_accuracy is not None:
         lines.append("  accuracy, dense: the same model trained without pruning, as measured by the caller")
+    for name, choice in (kernel_choices or {}).items():
+        times = ", ".join(f"{kind} {ms:.3f}" for kind, ms in choice.times_ms.items())
+        lines.append(
+            f"  kernel {name} ({choice.sparsity:.0%} zeros): {choice.chosen}, {choice.speedup:.2f}x fp32 dense "
+            f"[ms: {times}]"
+        )
     if save_path:
         lines.append(f"  artifact: {save_path}")
     return "\n".join(lines)
