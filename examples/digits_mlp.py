@@ -62,7 +62,11 @@ def main() -> None:
     end = args.end if args.end is not None else max(int(args.epochs * 0.6), 1)
     pruning = MagnitudePruning(amount=args.amount, schedule=args.schedule, end=end)
     quantization = DynamicQuantization(
-        dtype="qint8", save_path=log_dir / "model_int8.lcz", compress=True, baseline_accuracy=baseline
+        dtype="qint8",
+        save_path=log_dir / "model_int8.lcz",
+        compress=True,
+        sparse_kernels="auto",
+        baseline_accuracy=baseline,
     )
 
     pl.seed_everything(args.seed, verbose=False)

@@ -127,11 +127,13 @@ class DynamicQuantization(Callback):
                 "dataloader. Define `val_dataloader`, pass `val_dataloaders` to `fit`, pass `dataloader=`, or set "
                 "`evaluate=False`."
             )
-        if self.save_path is not None or self.sparse_kernels == "auto":
+        needs = "save_path=...) traces the model" if self.save_path is not None else None
+        if self.sparse_kernels == "auto":
+            needs = "sparse_kernels='auto') times kernels"
+        if needs:
             raise ValueError(
-                "DynamicQuantization(save_path=...) and sparse_kernels='auto' need one real input batch (to trace "
-                "the model, to time kernels), but there is no validation dataloader to take it from. Pass "
-                "`dataloader=` or provide validation data."
+                f"DynamicQuantization({needs} on one real input batch, but there is no validation dataloader to "
+                "take it from. Pass `dataloader=` or provide validation data."
             )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -24,7 +24,7 @@ def test_demo_prints_the_summary_and_writes_the_plot(tmp_path):
         assert row in out
     log_dir = tmp_path / "runs" / "digits_mlp" / "version_0"
     assert (log_dir / "sparsity.png").stat().st_size > 10_000
-    assert (log_dir / "model_int8.lcz").exists() and "size compressed (MB)" in out
+    assert (log_dir / "model_int8.lcz").exists() and "size compressed (MB)" in out and "kernel net.2" in out
     header = (log_dir / "metrics.csv").read_text().splitlines()[0]
     assert "pruning/sparsity" in header and "quantization/accuracy_after" in header
 
