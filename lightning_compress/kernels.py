@@ -81,15 +81,13 @@ def _time_ms(module: nn.Module, x: Tensor) -> float:
         return timer.blocked_autorange(min_run_time=0.1).median * 1e3
 
 
-def choose_linear_kernels(
-    model: nn.Module, example_input: Any, dtype: torch.dtype, names: list[str] | None = None
-) -> dict[str, KernelChoice]:
+def choose_linear_kernels(model: nn.Module, example_input: Any, dtype: torch.dtype) -> dict[str, KernelChoice]:
     """Time quantized dense, fp32 CSR and fp32 dense for each Linear of the float ``model``; keep the fastest.
 
     A candidate whose output differs from its own reference (the CSR layer from the dense fp32 layer, beyond
     float tolerance) is not eligible.
     """
-    linears = {n: m for n, m in model.named_modules() if type(m) is nn.Linear and (names is None or n in names)}
+    linears = {n: m for n, m in model.named_modules() if type(m) is nn.Linear}
     inputs = layer_inputs(model, example_input, list(linears))
     choices = {}
     for name, linear in linears.items():
