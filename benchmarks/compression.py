@@ -38,10 +38,7 @@ def pruned_mlp(widths: list[int], sparsity: float) -> nn.Module:
     for a, b in zip(widths, widths[1:]):
         layers += [nn.Linear(a, b), nn.ReLU()]
     model = nn.Sequential(*layers[:-1]).eval()
-    weights = [m.weight for m in model if isinstance(m, nn.Linear)]
-    masks = [torch.ones_like(w) for w in weights]
-    engine.update_unstructured(weights, masks, sparsity, engine.l1_scores(weights), "layerwise")
-    engine.apply_masks(weights, masks)
+    engine.prune_by_magnitude([m.weight for m in model if isinstance(m, nn.Linear)], sparsity, "layerwise")
     return model
 
 

@@ -35,14 +35,13 @@ def _peak_mb() -> float:
 
 
 def measure(method: str, layers: int, width: int, amount: float) -> dict:
-    import torch
 
     model = _model(layers, width)
     if method == "lightning_compress":
         from lightning_compress import masks as engine
 
         weights = [m.weight for m in model]
-        masks = [torch.ones(w.shape, dtype=w.dtype) for w in weights]  # the callback's working masks
+        masks = [engine.new_mask(w) for w in weights]  # the callback's working masks
         before = _rss_mb()
         start = time.perf_counter()
         engine.update_unstructured(weights, masks, amount, engine.l1_scores(weights), "global")

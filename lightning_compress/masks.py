@@ -1,9 +1,10 @@
 """The mask engine: scores, an exact k-th-smallest threshold, growing-only masks, in-place application.
 
-Masks follow ``torch.nn.utils.prune``'s convention: 1 keeps a weight, 0 prunes it. In memory a mask is a
-tensor of the weight's own dtype and device, because re-applying it after every optimizer step is then a
-plain in-place multiply (measured on 5.3M weights: about 1.2 ms, against about 5 ms for a bool mask through
-``masked_fill_``/type promotion; see ``benchmarks/README.md``). Checkpoints store masks as bool.
+Masks follow ``torch.nn.utils.prune``'s convention: nonzero keeps a weight, 0 prunes it. In memory a mask is an
+integer tensor as wide as the weight's dtype (int32 for float32), all bits set where the weight is kept, on the
+weight's device: re-applying it after every optimizer step is one in-place bitwise AND of the weight's bits
+(:func:`apply_masks`), as fast as a multiply by a float mask and exact where a multiply is not: a pruned NaN or
+inf becomes 0 (``nan * 0`` is NaN). Figures in ``benchmarks/README.md``. Checkpoints store masks as bool.
 
 Selection rule (the same count and, for magnitude scores, the same entries as ``torch.nn.utils.prune``):
 at target sparsity ``s`` over ``n`` candidates, ``round(s * n)`` entries end pruned (Python rounding, as
@@ -41,12 +42,30 @@ def count_to_prune(sparsity: float, n: int) -> int:
     return round(sparsity * n)
 
 
+_MASK_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def mask_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """The integer dtype of a mask for weights of ``weight_dtype``: as wide, so the weight's bits can be ANDed."""
+    return _MASK_DTYPES[torch.empty((), dtype=weight_dtype).element_size()]
+
+
+def new_mask(weight: Tensor) -> Tensor:
+    """A mask that keeps every entry of ``weight`` (all bits set), on its device."""
+    return torch.full(weight.shape, -1, dtype=mask_dtype(weight.dtype), device=weight.device)
+
+
+def mask_from_bool(keep: Tensor, weight: Tensor) -> Tensor:
+    """The engine's mask for ``weight`` from a bool tensor (True keeps)."""
+    return keep.to(device=weight.device, dtype=mask_dtype(weight.dtype)).neg_()
+
+
 def _sortable_keys(scores: Tensor, mask: Tensor, wide: bool) -> Tensor:
-    """Integer keys ordered as the non-negative ``scores``, 0 where ``mask`` prunes (score times mask).
+    """Integer keys ordered as the non-negative ``scores``, 0 where ``mask`` prunes.
 
     ``wide``: compare as float64 (int64 keys) rather than float32 (int32 keys); float16/bfloat16 widen exactly.
     """
-    masked = scores * mask
+    masked = torch.where(mask != 0, scores, 0)
     return masked.to(torch.float64).view(torch.int64) if wide else masked.to(torch.float32).view(torch.int32)
 
 
@@ -104,7 +123,7 @@ def prune_smallest(scores: ScoreSource, masks: Sequence[Tensor], k: int) -> None
     total = sum(m.numel() for m in masks)
     if k > total:
         raise ValueError(f"cannot prune {k} entries out of {total}")
-    wide = any(m.dtype == torch.float64 for m in masks)
+    wide = any(m.element_size() == 8 for m in masks)
 
     def chunks() -> Iterator[tuple[Tensor, Tensor]]:
         for i, mask in enumerate(masks):
@@ -122,7 +141,7 @@ def prune_smallest(scores: ScoreSource, masks: Sequence[Tensor], k: int) -> None
     for key, flat_mask in chunks():
         high = key >> shift if shift else key
         # Multiplying by the uint8 view of the comparison is about 5x faster than masked_fill_ (measured here).
-        flat_mask.mul_((high >= prefix).view(torch.uint8).to(flat_mask.dtype))
+        flat_mask.mul_((high >= prefix).view(torch.uint8).to(flat_mask.dtype))  # all-ones * 1 keeps all bits
         in_bucket = high == prefix
         if prefix == 0:
             in_bucket &= flat_mask != 0
@@ -172,10 +191,10 @@ def channel_norms(weight: Tensor, norm: float, dim: int) -> Tensor:
 
 
 def _slice_mask_view(mask: Tensor, dim: int) -> Tensor:
-    """A float vector, 1 for each slice along ``dim`` that is kept, 0 for each fully pruned slice."""
+    """A vector of the mask's dtype, 1 for each slice along ``dim`` that is kept, 0 for each fully pruned slice."""
     dims = list(range(mask.dim()))
     dims.remove(dims[dim])
-    return (mask.amax(dim=dims) != 0).to(mask.dtype)
+    return (mask != 0).any(dim=dims).to(mask.dtype) if dims else (mask != 0).to(mask.dtype)
 
 
 def update_unstructured(
@@ -208,6 +227,18 @@ def update_structured(
 
 @torch.no_grad()
 def apply_masks(weights: Iterable[Tensor], masks: Iterable[Tensor]) -> None:
-    """Zero the pruned entries in place (``w *= mask``)."""
+    """Set the pruned entries to exactly 0 in place: a bitwise AND of each weight's bits with its mask.
+
+    Unlike ``w *= mask``, a pruned NaN or inf becomes 0; the cost is the same one pass over the weights.
+    """
     for w, m in zip(weights, masks):
-        w.mul_(m)
+        w.view(m.dtype).bitwise_and_(m)
+
+
+def prune_by_magnitude(weights: Sequence[Tensor], sparsity: float, scope: str = "global") -> list[Tensor]:
+    """One shot, without a Trainer: zero the smallest-magnitude entries of ``weights`` in place to ``sparsity``
+    (one threshold over all tensors for ``"global"``, one per tensor for ``"layerwise"``); returns the masks."""
+    masks = [new_mask(w) for w in weights]
+    update_unstructured(weights, masks, sparsity, l1_scores(weights), scope)
+    apply_masks(weights, masks)
+    return masks

@@ -12,17 +12,19 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import Tensor
+from torch import Tensor, nn
 
+from lightning_compress import compat, measure, report
 from lightning_compress import masks as mask_engine
-from lightning_compress import measure, report
 from lightning_compress.schedules import is_update_index, target_sparsity, validate_schedule
-from lightning_compress.selection import select_parameters
+from lightning_compress.selection import largest_unselected, matrix_numel, parameter_aliases, select_parameters
 
 METHODS = ("l1_unstructured", "random_unstructured", "ln_structured")
 SCOPES = ("global", "layerwise")
 INTERVALS = ("epoch", "step")
-_STATE_VERSION = 1
+_STATE_VERSION = 2
+# What a checkpoint remembers of the settings, to say what changed when a run resumes with others.
+_SETTINGS = ("amount", "schedule", "start", "end", "interval", "frequency", "method", "scope", "norm", "dim")
 
 
 class MagnitudePruning(Callback):
@@ -31,9 +33,10 @@ class MagnitudePruning(Callback):
     At the start of each scheduled epoch (or step) ``i`` the masks grow to the target sparsity
     ``amount * f(p)``, ``p = clamp((i - start) / (end - start), 0, 1)`` (see :mod:`lightning_compress.schedules`
     for ``f``), and are applied to the weights in place. After every optimizer step they are applied again, so
-    pruned weights stay exactly 0. The model never holds anything pruning-specific: no ``weight_orig``, no
-    ``weight_mask``, no forward hooks; ``model.state_dict()`` has plain keys at every moment. The masks live
-    on the callback and in its checkpoint state, so resuming continues the schedule with the same masks.
+    pruned weights stay exactly 0 (NaN and inf included). The model never holds anything pruning-specific: no
+    ``weight_orig``, no ``weight_mask``, no forward hooks; ``model.state_dict()`` has plain keys at every moment.
+    The masks live on the callback and in its checkpoint state, so resuming continues the schedule with the same
+    masks.
 
     Args:
         amount: final sparsity, the fraction of the selected weights (or, for ``ln_structured``, of the slices
@@ -43,7 +46,9 @@ class MagnitudePruning(Callback):
         start: first epoch (or step) at which masks are updated; the target is 0 before it.
         end: epoch (or step) at which the final ``amount`` is reached; ``None`` is the last epoch
             (or optimizer step) of training.
-        interval: ``"epoch"`` or ``"step"`` (optimizer steps, as ``trainer.global_step``).
+        interval: ``"epoch"`` or ``"step"``: optimizer steps (``trainer.global_step``) under automatic
+            optimization; training batches under manual optimization, where ``global_step`` counts the steps of
+            every optimizer.
         frequency: update the masks every ``frequency`` epochs (or steps) from ``start`` to ``end``;
             ``end`` is always an update.
         method: ``"l1_unstructured"`` (smallest ``|w|``), ``"random_unstructured"`` (uniformly random entries),
@@ -52,17 +57,21 @@ class MagnitudePruning(Callback):
             tensor separately). ``None``: global for unstructured methods, layerwise for ``ln_structured``.
         norm: the ``n`` of the Ln norm, for ``ln_structured``.
         dim: the dimension whose slices ``ln_structured`` prunes (0: output channels / rows).
-        parameters: ``None`` for every ``weight`` of Linear and Conv1d/2d/3d and ``weight_ih*``/``weight_hh*`` of
-            LSTM/GRU/RNN; or glob patterns over ``model.named_parameters()`` names, e.g. ``["net.*.weight"]``.
+        parameters: ``None`` for the weight matrices of dense layers (see
+            :func:`lightning_compress.selection.default_parameter_names`: Linear, Conv*, ConvTranspose*, the RNN
+            family, MultiheadAttention, and weights tied to them); or glob patterns over parameter names, e.g.
+            ``["net.*.weight"]`` (a shared parameter matches by any of its names).
         exclude: glob patterns removed from the selection (e.g. ``["head.*"]``).
+        modules: layer types whose weights are selected, e.g. ``[torch.nn.Conv2d]``; combined with ``parameters``
+            when both are given.
         make_permanent: at the end of training drop the masks, so that a later ``fit`` starts a new schedule;
             ``False`` keeps them and a later ``fit`` keeps enforcing (and growing) them. The weights are plain
             and sparse either way.
         seed: seed of the generator of ``random_unstructured``; ``None`` draws one on rank zero and shares it.
 
     Logged at each update and at the end of training, to every logger of the trainer: ``pruning/sparsity``
-    (measured fraction of exact zeros over the selected weights), ``pruning/target`` and
-    ``pruning/sparsity/<parameter name>``.
+    (measured fraction of exact zeros over the selected weights), ``pruning/target``, ``pruning/coverage``
+    (selected weights / entries of all parameters with 2+ dimensions) and ``pruning/sparsity/<parameter name>``.
     """
 
     def __init__(
@@ -79,6 +88,7 @@ class MagnitudePruning(Callback):
         dim: int = 0,
         parameters: Sequence[str] | None = None,
         exclude: Sequence[str] = (),
+        modules: Sequence[type[nn.Module]] | None = None,
         make_permanent: bool = True,
         seed: int | None = None,
     ) -> None:
@@ -115,6 +125,14 @@ class MagnitudePruning(Callback):
             exclude = [exclude]
         if not all(isinstance(p, str) for p in exclude):
             raise ValueError(f"`exclude` must be a list of glob patterns (str), got {exclude!r}")
+        if isinstance(modules, type):
+            modules = [modules]
+        if modules is not None and (
+            not modules or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in modules)
+        ):
+            raise ValueError(f"`modules` must be None or a non-empty list of torch.nn.Module types, got {modules!r}")
+        if not isinstance(make_permanent, bool):
+            raise ValueError(f"`make_permanent` must be True or False, got {make_permanent!r}")
         if seed is not None and not _is_int(seed):
             raise ValueError(f"`seed` must be None or an integer, got {seed!r}")
 
@@ -129,29 +147,42 @@ class MagnitudePruning(Callback):
         self.dim = int(dim)
         self.parameters = list(parameters) if parameters is not None else None
         self.exclude = list(exclude)
+        self.modules = list(modules) if modules is not None else None
         self.make_permanent = make_permanent
         self.seed = seed
 
         self._names: list[str] = []
+        self._aliases: dict[str, list[str]] = {}
         self._weights: list[Tensor] = []
         self._masks: list[Tensor] | None = None
+        self._coverage = float("nan")
         self._last_index: int | None = None
         self._last_target = 0.0
         self._resolved_end: int | None = None
         self._generator: torch.Generator | None = None
         self._pending_state: dict[str, Any] | None = None
         self._hook_handles: list[Any] = []
+        self._history: list[dict[str, float]] = []
+        self._monitored: list[tuple[float, float]] = []
+        self._monitor_key: str | None = None
+        self._unselected: list[tuple[str, int]] = []
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(
-            amount=self.amount, method=self.method, parameters=self.parameters, exclude=self.exclude
-        )
+        # What is pruned identifies an instance: two instances in one Trainer prune different parameters. The
+        # amount, schedule and method are not part of it, so a run resumed with other values finds its masks.
+        modules = [t.__qualname__ for t in self.modules] if self.modules is not None else None
+        return self._generate_state_key(parameters=self.parameters, exclude=self.exclude, modules=modules)
 
     @property
     def parameter_names(self) -> list[str]:
-        """Names of the selected parameters (known from ``setup`` on)."""
+        """Canonical names of the selected parameters (known from ``on_fit_start`` on)."""
         return list(self._names)
+
+    @property
+    def selected_parameters(self) -> dict[str, Tensor]:
+        """The selected parameters by canonical name (from ``on_train_start`` on)."""
+        return dict(zip(self._names, self._weights))
 
     @property
     def masks(self) -> dict[str, Tensor]:
@@ -160,8 +191,25 @@ class MagnitudePruning(Callback):
             return {}
         return {name: mask != 0 for name, mask in zip(self._names, self._masks)}
 
+    @property
+    def schedule_end(self) -> int | None:
+        """The epoch (or step) at which the schedule reaches its final target, resolved at ``on_train_start``."""
+        return self._resolved_end
+
+    @property
+    def history(self) -> list[dict[str, float]]:
+        """One entry per mask update and at the end of training: epoch, step, index, target, measured sparsity."""
+        return list(self._history)
+
+    @property
+    def coverage(self) -> float:
+        """Selected weights / entries of all the model's parameters with two or more dimensions."""
+        return self._coverage
+
     # ------------------------------------------------------------------ setup: everything knowable up front
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # A checkpoint is restored after `setup`: state loaded by an earlier validate/test/predict never leaks in.
+        self._pending_state = None
         if stage != "fit":
             return
         strategy = trainer.strategy
@@ -170,16 +218,6 @@ class MagnitudePruning(Callback):
                 f"MagnitudePruning supports the single-device and DDP strategies; got {type(strategy).__name__}. "
                 "Sharded strategies (FSDP, DeepSpeed, model parallel) are not supported yet."
             )
-        selected = select_parameters(pl_module, self.parameters, self.exclude)
-        if self.method == "ln_structured":
-            for name, param in selected.items():
-                if not -param.dim() <= self.dim < param.dim():
-                    raise ValueError(
-                        f"`dim={self.dim}` is out of range for parameter {name!r} of shape {tuple(param.shape)}"
-                    )
-        if self._names and self._names != list(selected):
-            self._masks = None  # another model or selection: old masks do not apply
-        self._names = list(selected)
         if self.end is None and trainer.max_epochs in (None, -1) and trainer.max_steps == -1:
             raise ValueError(
                 "`end=None` means the last epoch/step of training, but training is unbounded "
@@ -190,6 +228,59 @@ class MagnitudePruning(Callback):
             if seed is None:
                 seed = trainer.strategy.broadcast(int(torch.randint(0, 2**62, ()).item()), src=0)
             self._generator = torch.Generator().manual_seed(int(seed))
+        self._run_after_weight_averaging(trainer)
+
+    def _run_after_weight_averaging(self, trainer: pl.Trainer) -> None:
+        """Move this callback after SWA/EMA-style callbacks, so that its train-end masking sees their final weights.
+
+        They overwrite the module with averaged weights in their ``on_train_end``; averages of entries pruned late
+        in training are not 0. Lightning calls callbacks in list order.
+        """
+        callbacks = list(trainer.callbacks)
+        positions = [i for i, c in enumerate(callbacks) if isinstance(c, compat.WEIGHT_AVERAGING_CALLBACKS)]
+        if self in callbacks and positions and positions[-1] > callbacks.index(self):
+            callbacks.remove(self)
+            callbacks.insert(positions[-1], self)
+            # A new list: Lightning is iterating over the current one to call this very hook.
+            trainer.callbacks = callbacks
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if trainer.state.fn != "fit" or self.state_key in checkpoint.get("callbacks", {}):
+            return
+        ours = {c.state_key for c in trainer.callbacks if isinstance(c, MagnitudePruning)}
+        foreign = [k for k in checkpoint.get("callbacks", {}) if k.startswith(type(self).__name__) and k not in ours]
+        if foreign:
+            raise ValueError(
+                f"The checkpoint holds pruning state for {foreign}, but this MagnitudePruning is {self.state_key}: "
+                "it selects other parameters, so the checkpoint's masks cannot be continued and its pruned weights "
+                "would grow back. Resume with the same `parameters`, `exclude` and `modules`, or load the weights "
+                "into the model yourself and start a new fit without `ckpt_path`."
+            )
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After `configure_model`, so layers built there are selected; still before the first training step.
+        selected = select_parameters(pl_module, self.parameters, self.exclude, self.modules)
+        if self.method == "ln_structured":
+            for name, param in selected.items():
+                if param.dim() < 2:
+                    raise ValueError(
+                        f"`method='ln_structured'` prunes slices of weight matrices, but {name!r} has shape "
+                        f"{tuple(param.shape)}. Narrow `parameters` (e.g. '*.weight') or add it to `exclude`."
+                    )
+                if not -param.dim() <= self.dim < param.dim():
+                    raise ValueError(
+                        f"`dim={self.dim}` is out of range for parameter {name!r} of shape {tuple(param.shape)}"
+                    )
+        if self._names and self._names != list(selected):
+            self._masks = None  # another model or selection: old masks do not apply
+        self._names = list(selected)
+        all_aliases = parameter_aliases(pl_module)
+        self._aliases = {name: all_aliases[name] for name in self._names}
+        matrices = matrix_numel(pl_module)
+        self._coverage = sum(p.numel() for p in selected.values()) / matrices if matrices else float("nan")
+        self._unselected = largest_unselected(pl_module, self._names)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         named = dict(pl_module.named_parameters())
@@ -198,9 +289,9 @@ class MagnitudePruning(Callback):
             self._restore(self._pending_state)
             self._pending_state = None
         if self._masks is None:
-            self._masks = [torch.ones(w.shape, dtype=w.dtype, device=w.device) for w in self._weights]
+            self._masks = [mask_engine.new_mask(w) for w in self._weights]
         else:
-            self._masks = [m.to(device=w.device, dtype=w.dtype) for m, w in zip(self._masks, self._weights)]
+            self._masks = [m.to(w.device) for m, w in zip(self._masks, self._weights)]
         mask_engine.apply_masks(self._weights, self._masks)
         self._resolved_end = self._resolve_end(trainer)
         self._check_schedule_values()
@@ -224,6 +315,7 @@ class MagnitudePruning(Callback):
         return end
 
     def _last_index_of_training(self, trainer: pl.Trainer) -> int | None:
+        # Under manual optimization a "step" is a training batch, and `estimated_stepping_batches` counts batches.
         steps = trainer.estimated_stepping_batches
         if self.interval == "step":
             return int(steps) - 1 if math.isfinite(steps) else None
@@ -256,7 +348,8 @@ class MagnitudePruning(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if self.interval == "step":
-            self._maybe_update(trainer, trainer.global_step)
+            manual = not pl_module.automatic_optimization
+            self._maybe_update(trainer, trainer.fit_loop.epoch_loop.total_batch_idx if manual else trainer.global_step)
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         mask_engine.apply_masks(self._weights, self._masks)
@@ -264,11 +357,22 @@ class MagnitudePruning(Callback):
     def _maybe_update(self, trainer: pl.Trainer, index: int) -> None:
         if index == self._last_index or not is_update_index(index, self.start, self._resolved_end, self.frequency):
             return
+        first = self._last_index is None and not self._history
         target = target_sparsity(self.schedule, index, self.amount, self.start, self._resolved_end)
         self._update_masks(target)
         self._last_index = index
         self._last_target = target
-        self._report(trainer, f"{self.interval} {index}")
+        if first:
+            self._describe_selection()
+        self._report(trainer, f"{self.interval} {index}", index)
+
+    def _describe_selection(self) -> None:
+        n = sum(w.numel() for w in self._weights)
+        unselected = ", ".join(f"{name} ({numel:,})" for name, numel in self._unselected) or "none"
+        rank_zero_info(
+            f"MagnitudePruning prunes {n:,} weights in {len(self._weights)} tensors: {self._coverage:.1%} of the "
+            f"entries of the model's weight matrices (parameters with 2+ dimensions). Largest not pruned: {unselected}"
+        )
 
     def _update_masks(self, target: float) -> None:
         """Grow the masks to ``target`` sparsity with the configured method and scope, and apply them."""
@@ -287,25 +391,61 @@ class MagnitudePruning(Callback):
         overall, by_name = measure.sparsity_by_name(dict(zip(self._names, self._weights)))
         return {report.SPARSITY: overall, **{report.SPARSITY_PREFIX + name: v for name, v in by_name.items()}}
 
-    def _report(self, trainer: pl.Trainer, when: str) -> None:
+    def _report(self, trainer: pl.Trainer, when: str, index: int | None) -> None:
         metrics = self.measured_sparsity()
         metrics[report.TARGET] = self._last_target
+        metrics[report.COVERAGE] = self._coverage
         report.log_to_loggers(trainer, metrics)
+        self._history.append(
+            {
+                "epoch": trainer.current_epoch,
+                "step": trainer.global_step,
+                "index": index if index is not None else float("nan"),
+                "target": self._last_target,
+                "sparsity": metrics[report.SPARSITY],
+            }
+        )
         n = sum(w.numel() for w in self._weights)
         rank_zero_info(
             f"MagnitudePruning [{when}]: target sparsity {self._last_target:.2%}, measured "
             f"{metrics[report.SPARSITY]:.2%} of {n:,} weights in {len(self._weights)} tensors"
         )
 
+    # ------------------------------------------------------------------ validation: what the plot shows
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or self._masks is None:
+            return
+        key = self._monitor_key or report.monitored_metric_name(trainer)
+        value = trainer.callback_metrics.get(key) if key else None
+        if value is not None:
+            self._monitor_key = key
+            self._monitored.append((trainer.current_epoch, float(value)))
+
+    # ------------------------------------------------------------------ end of training
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
         if self._masks is None:
             return
-        mask_engine.apply_masks(self._weights, self._masks)
-        self._report(trainer, "end of training")
+        mask_engine.apply_masks(self._weights, self._masks)  # after SWA/EMA wrote their averages (see setup)
+        self._report(trainer, "end of training", None)
+        self._warn_if_schedule_unfinished(trainer)
+        report.write_schedule_plot(trainer, self._history, self._monitored, self._monitor_key)
         if self.make_permanent:
             self._masks = None
             self._last_index = None
+
+    def _warn_if_schedule_unfinished(self, trainer: pl.Trainer) -> None:
+        final = target_sparsity(self.schedule, self._resolved_end, self.amount, self.start, self._resolved_end)
+        if self._last_target >= final:
+            return
+        reached = self._history[-1]["sparsity"]
+        why = report.why_training_stopped(trainer) or "training ended before the schedule did"
+        rank_zero_warn(
+            f"MagnitudePruning reached {reached:.2%} sparsity, not the final target {final:.2%}: {why}. The "
+            f"schedule ends at {self.interval} {self._resolved_end}; set `end` to a {self.interval} that training "
+            "reaches (e.g. well before EarlyStopping can stop it, or raise EarlyStopping's patience), so the "
+            "model ends at the sparsity you asked for."
+        )
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._remove_hooks()
@@ -316,6 +456,21 @@ class MagnitudePruning(Callback):
         self._hook_handles = []
 
     # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        # SWA/EMA-style callbacks (run before this one, see setup) replace the checkpoint's weights with their
+        # averages: keep the pruned entries of those at 0 too, under every name of each parameter.
+        if self._masks is None or not any(isinstance(c, compat.WEIGHT_AVERAGING_CALLBACKS) for c in trainer.callbacks):
+            return
+        state = checkpoint.get("state_dict", {})
+        for name, mask in zip(self._names, self._masks):
+            for alias in self._aliases.get(name, [name]):
+                if alias in state:
+                    value = state[alias].clone()
+                    mask_engine.apply_masks([value], [mask.to(value.device)])
+                    state[alias] = value
+
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {
             "version": _STATE_VERSION,
@@ -323,18 +478,33 @@ class MagnitudePruning(Callback):
             "last_target": self._last_target,
             "generator": self._generator.get_state() if self._generator is not None else None,
             "masks": None,
+            "settings": self._settings(),
         }
         if self._masks is not None:
             state["masks"] = {name: (m != 0).cpu() for name, m in zip(self._names, self._masks)}
         return state
+
+    def _settings(self) -> dict[str, Any]:
+        settings = {k: getattr(self, k) for k in _SETTINGS}
+        settings["schedule"] = self.schedule if isinstance(self.schedule, str) else "callable"
+        return settings
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Applied at ``on_train_start``, when the parameters are on their device (restoring runs before that).
         self._pending_state = state_dict
 
     def _restore(self, state: dict[str, Any]) -> None:
-        if state.get("version") != _STATE_VERSION:
+        if state.get("version") not in (1, _STATE_VERSION):
             raise ValueError(f"MagnitudePruning state version {state.get('version')!r} is not {_STATE_VERSION}")
+        saved_settings = state.get("settings") or {}
+        changed = {k: (v, self._settings()[k]) for k, v in saved_settings.items() if self._settings().get(k) != v}
+        if changed:
+            listing = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            rank_zero_warn(
+                f"MagnitudePruning resumes from a checkpoint saved with other settings ({listing}). It continues "
+                "from the checkpoint's masks: weights pruned so far stay pruned, and the schedule continues with the "
+                "new settings (a target below the reached sparsity changes nothing)."
+            )
         self._last_index = state["last_index"]
         self._last_target = state["last_target"]
         if state["generator"] is not None:
@@ -354,7 +524,7 @@ class MagnitudePruning(Callback):
                     f"The checkpoint's mask for {name!r} has shape {tuple(saved[name].shape)}, "
                     f"the parameter {tuple(weight.shape)}"
                 )
-        self._masks = [saved[name].to(device=w.device, dtype=w.dtype) for name, w in zip(self._names, self._weights)]
+        self._masks = [mask_engine.mask_from_bool(saved[name], w) for name, w in zip(self._names, self._weights)]
 
 
 def _is_int(value: object) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ import lightning.pytorch as pl
 SPARSITY = "pruning/sparsity"
 TARGET = "pruning/target"
 SPARSITY_PREFIX = "pruning/sparsity/"
+COVERAGE = "pruning/coverage"
 
 
 def log_to_loggers(trainer: pl.Trainer, metrics: Mapping[str, float]) -> None:
@@ -89,13 +90,126 @@ def summary_table(
     return "\n".join(lines)
 
 
+def monitored_metric_name(trainer: pl.Trainer) -> str | None:
+    """The validation metric a run cares about: the ``monitor`` of its EarlyStopping or ModelCheckpoint callbacks,
+    else the first logged metric whose name starts with ``val`` and contains ``acc``, else ``None``."""
+    for callback in trainer.callbacks:
+        monitor = getattr(callback, "monitor", None)
+        if isinstance(monitor, str) and monitor:
+            return monitor
+    return next((k for k in trainer.callback_metrics if k.startswith("val") and "acc" in k), None)
+
+
+def why_training_stopped(trainer: pl.Trainer) -> str | None:
+    """What ended training early, as Lightning tells it: EarlyStopping, max_time (the Timer) or max_steps."""
+    from lightning.pytorch.callbacks import EarlyStopping, Timer
+
+    for callback in trainer.callbacks:
+        if isinstance(callback, EarlyStopping) and callback.stopped_epoch > 0:
+            reason = getattr(callback, "stopping_reason_message", None)
+            detail = f" ({reason})" if reason else ""
+            return (
+                f"EarlyStopping(monitor={callback.monitor!r}) stopped training at epoch {callback.stopped_epoch}"
+                f"{detail}"
+            )
+        if isinstance(callback, Timer):
+            remaining = callback.time_remaining()
+            if remaining is not None and remaining <= 0:
+                return f"max_time ended training at epoch {trainer.current_epoch}"
+    if trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps:
+        return f"max_steps={trainer.max_steps} ended training at epoch {trainer.current_epoch}"
+    return None
+
+
 PLOT_HINT = "Plotting needs matplotlib: pip install 'lightning_compress[plot]'"
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as error:
+        raise ImportError(PLOT_HINT) from error
+    return plt
+
+
+def sparsity_figure(
+    target: Sequence[tuple[float, float]],
+    measured: Sequence[tuple[float, float]],
+    metric: Sequence[tuple[float, float]] = (),
+    metric_name: str | None = None,
+) -> Any:
+    """A matplotlib figure: target and measured sparsity and (on a second axis) a validation metric, by epoch.
+
+    Each series is a sequence of ``(epoch, value)`` points.
+    """
+    plt = _pyplot()
+    figure, sparsity_axis = plt.subplots(figsize=(7, 4))
+    for points, style, label in ((target, "--", "target sparsity"), (measured, "-o", "measured sparsity")):
+        if points:
+            sparsity_axis.plot([p[0] for p in points], [p[1] for p in points], style, label=label)
+    sparsity_axis.set_xlabel("epoch (masks updated at the start of an epoch)")
+    sparsity_axis.set_ylabel("sparsity")
+    sparsity_axis.set_ylim(0, 1)
+    handles, labels = sparsity_axis.get_legend_handles_labels()
+    if metric and metric_name:
+        metric_axis = sparsity_axis.twinx()
+        metric_axis.plot([p[0] for p in metric], [p[1] for p in metric], "-s", color="tab:green", label=metric_name)
+        metric_axis.set_ylabel(metric_name)
+        more_handles, more_labels = metric_axis.get_legend_handles_labels()
+        handles, labels = handles + more_handles, labels + more_labels
+    sparsity_axis.legend(handles, labels, loc="lower right")
+    sparsity_axis.set_title("Pruning schedule and recovery")
+    figure.tight_layout()
+    return figure
+
+
+def write_schedule_plot(
+    trainer: pl.Trainer,
+    history: Sequence[Mapping[str, float]],
+    monitored: Sequence[tuple[float, float]],
+    metric_name: str | None,
+) -> Path | None:
+    """Draw the pruning history into ``<trainer.log_dir>/sparsity.png`` and, for TensorBoard, as a figure.
+
+    Works with any logger, as it draws from the callback's own history. Does nothing without a logger, off rank
+    zero, or without matplotlib (an optional extra). Returns the PNG's path when one was written.
+    """
+    if not trainer.is_global_zero or not trainer.loggers or not history:
+        return None
+    try:
+        plt = _pyplot()
+    except ImportError:
+        return None
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    figure = sparsity_figure(
+        [(h["epoch"], h["target"]) for h in history],
+        [(h["epoch"], h["sparsity"]) for h in history],
+        monitored,
+        metric_name,
+    )
+    # Not `trainer.log_dir`: it is a collective (a broadcast) under DDP, and only rank zero is here.
+    logger = trainer.loggers[0]
+    out = Path(getattr(logger, "log_dir", None) or logger.save_dir or trainer.default_root_dir) / "sparsity.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=100)
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_figure("pruning/schedule", figure, global_step=trainer.global_step, close=False)
+    plt.close(figure)
+    return out
 
 
 def plot_metrics(
     metrics_csv: str | os.PathLike, path: str | os.PathLike | None = None, accuracy_key: str | None = None
 ) -> Path:
     """Plot target and measured sparsity and validation accuracy against epoch, from a CSVLogger metrics file.
+
+    ``MagnitudePruning`` writes the same plot itself, from its own history, under any logger; this reads a
+    finished run's ``metrics.csv`` instead.
 
     Args:
         metrics_csv: the ``metrics.csv`` of a run (``CSVLogger(...).log_dir``).
@@ -108,44 +222,27 @@ def plot_metrics(
 
     Raises:
         ImportError: matplotlib is not installed (``pip install 'lightning_compress[plot]'``).
+        FileNotFoundError: no such file (only CSVLogger writes one).
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as error:
-        raise ImportError(PLOT_HINT) from error
+    plt = _pyplot()
     metrics_csv = Path(metrics_csv)
+    if not metrics_csv.is_file():
+        raise FileNotFoundError(
+            f"No metrics file at {metrics_csv}: plot_metrics reads a CSVLogger's metrics.csv. With other loggers, "
+            "MagnitudePruning writes sparsity.png into the trainer's log_dir itself."
+        )
     with open(metrics_csv, newline="") as f:
         rows = list(csv.DictReader(f))
     columns = list(rows[0]) if rows else []
     if accuracy_key is None:
         accuracy_key = next((c for c in columns if c.startswith("val") and "acc" in c), None)
 
-    def series(key: str) -> tuple[list[float], list[float]]:
-        points = [(float(r["epoch"]), float(r[key])) for r in rows if r.get(key) not in (None, "") and r.get("epoch")]
-        return [p[0] for p in points], [p[1] for p in points]
+    def series(key: str | None) -> list[tuple[float, float]]:
+        if key is None:
+            return []
+        return [(float(r["epoch"]), float(r[key])) for r in rows if r.get(key) not in (None, "") and r.get("epoch")]
 
-    figure, sparsity_axis = plt.subplots(figsize=(7, 4))
-    for key, style, label in ((TARGET, "--", "target sparsity"), (SPARSITY, "-o", "measured sparsity")):
-        x, y = series(key)
-        if x:
-            sparsity_axis.plot(x, y, style, label=label)
-    sparsity_axis.set_xlabel("epoch (masks updated at the start of an epoch)")
-    sparsity_axis.set_ylabel("sparsity")
-    sparsity_axis.set_ylim(0, 1)
-    handles, labels = sparsity_axis.get_legend_handles_labels()
-    if accuracy_key:
-        accuracy_axis = sparsity_axis.twinx()
-        x, y = series(accuracy_key)
-        accuracy_axis.plot(x, y, "-s", color="tab:green", label=accuracy_key)
-        accuracy_axis.set_ylabel(accuracy_key)
-        more_handles, more_labels = accuracy_axis.get_legend_handles_labels()
-        handles, labels = handles + more_handles, labels + more_labels
-    sparsity_axis.legend(handles, labels, loc="lower right")
-    sparsity_axis.set_title("Pruning schedule and recovery")
-    figure.tight_layout()
+    figure = sparsity_figure(series(TARGET), series(SPARSITY), series(accuracy_key), accuracy_key)
     out = Path(path) if path is not None else metrics_csv.with_name("sparsity.png")
     figure.savefig(out, dpi=100)
     plt.close(figure)

@@ -1,90 +1,135 @@
-"""Which parameters to prune: default layer types, include/exclude glob patterns, clear errors."""
+"""Which parameters to prune: default layer types, layer types by choice, include/exclude glob patterns.
+
+A parameter shared by several modules (an embedding tied to an output head) is one parameter: it is selected
+once, under its first name in ``model.named_parameters()`` (the canonical name), and a glob that matches any of
+its names selects it.
+"""
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from torch import nn
 
-#: Module types whose weights are pruned by default, with the parameter names that count as weights.
+#: Layer types whose weight matrices are pruned by default: the matrices that dense layers multiply by.
 DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (
     nn.Linear,
     nn.Conv1d,
     nn.Conv2d,
     nn.Conv3d,
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
     nn.LSTM,
     nn.GRU,
     nn.RNN,
+    nn.MultiheadAttention,  # in_proj_weight or q/k/v_proj_weight; out_proj is a Linear and is selected as one
 )
 _RECURRENT = (nn.LSTM, nn.GRU, nn.RNN)
+_ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 
 
-def _is_default_weight(module: nn.Module, param_name: str) -> bool:
+def is_layer_weight(module: nn.Module, param_name: str) -> bool:
+    """Whether ``param_name`` is a weight (not a bias) of ``module``, by the layer's own naming."""
     if isinstance(module, _RECURRENT):
         return param_name.startswith(("weight_ih", "weight_hh"))
-    return isinstance(module, DEFAULT_LAYER_TYPES) and param_name == "weight"
+    if isinstance(module, nn.MultiheadAttention):
+        return param_name in _ATTENTION_WEIGHTS
+    return param_name == "weight"
+
+
+def parameter_aliases(model: nn.Module) -> dict[str, list[str]]:
+    """Every name of each parameter, keyed by its canonical name (the first, as ``named_parameters()`` lists it)."""
+    canonical: dict[int, str] = {}
+    aliases: dict[str, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        first = canonical.setdefault(id(param), name)
+        aliases.setdefault(first, []).append(name)
+    return aliases
+
+
+def layer_weight_names(model: nn.Module, layer_types: Iterable[type[nn.Module]] = DEFAULT_LAYER_TYPES) -> list[str]:
+    """Canonical names of the weights of every layer of ``layer_types``, in ``named_parameters()`` order.
+
+    A weight shared with a layer of another type (an embedding tied to a Linear head) is included.
+    """
+    layer_types = tuple(layer_types)
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    found: set[str] = set()
+    for module in model.modules():
+        if not isinstance(module, layer_types):
+            continue
+        for param_name, param in module.named_parameters(recurse=False):
+            if is_layer_weight(module, param_name) and id(param) in canonical:
+                found.add(canonical[id(param)])
+    return [n for n in canonical.values() if n in found]
 
 
 def default_parameter_names(model: nn.Module) -> list[str]:
-    """Names (as in ``model.named_parameters()``) of the weights pruned when ``parameters=None``.
+    """Names of the weights pruned when ``parameters=None`` and ``modules=None``.
 
-    Every ``weight`` of Linear and Conv1d/2d/3d, and ``weight_ih*``/``weight_hh*`` of LSTM/GRU/RNN.
-    Biases are never included.
+    The weight matrices of Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d, LSTM/GRU/RNN (``weight_ih*``,
+    ``weight_hh*``) and MultiheadAttention (``in_proj_weight`` or ``q/k/v_proj_weight``, ``out_proj.weight``),
+    and any parameter tied to one of them. Biases are never included.
     """
-    names = []
-    seen: set[int] = set()
-    for module_name, module in model.named_modules():
-        for param_name, param in module.named_parameters(recurse=False):
-            if id(param) in seen or not _is_default_weight(module, param_name):
-                continue
-            seen.add(id(param))
-            names.append(f"{module_name}.{param_name}" if module_name else param_name)
-    order = {name: i for i, (name, _) in enumerate(model.named_parameters())}
-    return sorted((n for n in names if n in order), key=order.__getitem__)
+    return layer_weight_names(model, DEFAULT_LAYER_TYPES)
 
 
 def select_parameters(
     model: nn.Module,
     parameters: Sequence[str] | None = None,
     exclude: Sequence[str] = (),
+    modules: Iterable[type[nn.Module]] | None = None,
 ) -> dict[str, nn.Parameter]:
-    """Select the parameters to prune, in ``model.named_parameters()`` order.
+    """Select the parameters to prune, by canonical name, in ``model.named_parameters()`` order.
 
     Args:
         model: the model.
-        parameters: ``None`` for the default weights (see :func:`default_parameter_names`), or glob
-            patterns (``fnmatch``) over ``model.named_parameters()`` names, e.g. ``["net.*.weight"]``.
-        exclude: glob patterns removed from the selection.
+        parameters: ``None`` for the layer weights (see :func:`default_parameter_names`), or glob patterns
+            (``fnmatch``) over parameter names, e.g. ``["net.*.weight"]``; a shared parameter matches by any name.
+        exclude: glob patterns removed from the selection (matched against every name of a parameter).
+        modules: layer types whose weights are selected (e.g. ``{nn.Conv2d}``); with ``parameters`` too, a
+            parameter must satisfy both.
 
     Raises:
-        ValueError: a pattern matches nothing, a selected parameter is not floating point, or the selection
-            is empty. The message lists the names that can be pruned.
+        ValueError: a pattern matches nothing, a layer type is absent, a selected parameter is not floating point,
+            or the selection is empty. The message lists the names that can be selected.
     """
+    aliases = parameter_aliases(model)
     named = dict(model.named_parameters())
-    if parameters is None:
-        candidates = default_parameter_names(model)
-    else:
-        candidates = []
+    if modules is not None:
+        modules = tuple(modules)
+        by_type = layer_weight_names(model, modules)
+        if not by_type:
+            present = sorted({type(m).__name__ for m in model.modules()})
+            raise ValueError(
+                f"`modules` {[t.__name__ for t in modules]} selects nothing: the model has no weight of those layer "
+                f"types. Layer types in the model: {', '.join(present)}"
+            )
+    candidates = default_parameter_names(model) if modules is None else by_type
+    if parameters is not None:
+        matched_any: list[str] = []
         for pattern in parameters:
-            matched = [n for n in named if fnmatch.fnmatchcase(n, pattern)]
+            matched = [n for n, names in aliases.items() if any(fnmatch.fnmatchcase(a, pattern) for a in names)]
             if not matched:
                 raise ValueError(
                     f"`parameters` pattern {pattern!r} matches no parameter of the model. "
-                    f"Parameters that can be pruned: {_listing(named)}"
+                    f"Parameters that can be pruned: {_listing(model)}"
                 )
-            candidates.extend(m for m in matched if m not in candidates)
-        order = {n: i for i, n in enumerate(named)}
-        candidates.sort(key=order.__getitem__)
+            matched_any.extend(m for m in matched if m not in matched_any)
+        allowed = set(candidates) if modules is not None else None
+        candidates = [n for n in named if n in matched_any and (allowed is None or n in allowed)]
     for pattern in exclude:
-        if not any(fnmatch.fnmatchcase(n, pattern) for n in candidates):
+        if not any(_matches(aliases[n], pattern) for n in candidates):
             raise ValueError(f"`exclude` pattern {pattern!r} matches none of the selected parameters {candidates}")
-    selected = [n for n in candidates if not any(fnmatch.fnmatchcase(n, p) for p in exclude)]
+    selected = [n for n in candidates if not any(_matches(aliases[n], p) for p in exclude)]
     if not selected:
         raise ValueError(
             "The selection of parameters to prune is empty "
-            f"(parameters={list(parameters) if parameters is not None else None}, exclude={list(exclude)}). "
-            f"Parameters that can be pruned: {_listing(named)}"
+            f"(parameters={list(parameters) if parameters is not None else None}, exclude={list(exclude)}"
+            f"{', modules=' + str([t.__name__ for t in modules]) if modules is not None else ''}). "
+            f"Parameters that can be pruned: {_listing(model)}"
         )
     for name in selected:
         if not named[name].is_floating_point():
@@ -94,7 +139,23 @@ def select_parameters(
     return {name: named[name] for name in selected}
 
 
-def _listing(named: dict[str, nn.Parameter], limit: int = 50) -> str:
-    names = [f"{n} {tuple(p.shape)}" for n, p in named.items()]
+def matrix_numel(model: nn.Module) -> int:
+    """Entries of the model's parameters with two or more dimensions, each shared parameter counted once."""
+    return sum(p.numel() for p in model.parameters() if p.dim() >= 2)
+
+
+def largest_unselected(model: nn.Module, selected: Iterable[str], limit: int = 5) -> list[tuple[str, int]]:
+    """The largest parameters of two or more dimensions that are not selected: ``(name, numel)``, largest first."""
+    chosen = set(selected)
+    rest = [(n, p.numel()) for n, p in model.named_parameters() if p.dim() >= 2 and n not in chosen]
+    return sorted(rest, key=lambda item: -item[1])[:limit]
+
+
+def _matches(names: list[str], pattern: str) -> bool:
+    return any(fnmatch.fnmatchcase(n, pattern) for n in names)
+
+
+def _listing(model: nn.Module, limit: int = 50) -> str:
+    names = [f"{n} {tuple(p.shape)}" for n, p in model.named_parameters(remove_duplicate=False)]
     more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
     return ", ".join(names[:limit]) + more if names else "(the model has no parameters)"

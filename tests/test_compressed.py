@@ -2,26 +2,17 @@ import struct
 
 import pytest
 import torch
+from helpers import pruned_mlp
 from torch import nn
 
 from lightning_compress import load_compressed, load_quantized, save_compressed
-from lightning_compress import masks as engine
 from lightning_compress.backends import quantize_dynamic_copy
 from lightning_compress.compressed import VERSION, ArtifactError, decode
 from lightning_compress.measure import serialized_size_bytes
 
 
 def _pruned_mlp(widths, sparsity=0.9):
-    torch.manual_seed(0)
-    layers = []
-    for a, b in zip(widths, widths[1:]):
-        layers += [nn.Linear(a, b), nn.ReLU()]
-    model = nn.Sequential(*layers[:-1]).eval()
-    weights = [m.weight for m in model if isinstance(m, nn.Linear)]
-    masks = [torch.ones_like(w) for w in weights]
-    engine.update_unstructured(weights, masks, sparsity, engine.l1_scores(weights), "global")
-    engine.apply_masks(weights, masks)
-    return model
+    return pruned_mlp(widths, sparsity, "global")
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,10 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from digits import DigitsDataModule, DigitsMLP
+from helpers import pruned_mlp
 from torch import nn
 
 from lightning_compress import DynamicQuantization, MagnitudePruning, load_quantized
-from lightning_compress import masks as engine
 from lightning_compress.backends import quantize_dynamic_copy
 from lightning_compress.kernels import (
     FLOAT_DENSE,
@@ -20,16 +20,7 @@ from lightning_compress.kernels import (
 
 
 def _pruned(widths=(256, 512, 512, 10), sparsity=0.9):
-    torch.manual_seed(0)
-    layers = []
-    for a, b in zip(widths, widths[1:]):
-        layers += [nn.Linear(a, b), nn.ReLU()]
-    model = nn.Sequential(*layers[:-1]).eval()
-    weights = [m.weight for m in model if isinstance(m, nn.Linear)]
-    masks = [torch.ones_like(w) for w in weights]
-    engine.update_unstructured(weights, masks, sparsity, engine.l1_scores(weights), "layerwise")
-    engine.apply_masks(weights, masks)
-    return model
+    return pruned_mlp(widths, sparsity, "layerwise")
 
 
 def test_sparse_linear_matches_linear_on_any_leading_shape():

@@ -15,7 +15,11 @@ def _layers(dtype=torch.float32):
 
 
 def _ones(weights):
-    return [torch.ones(w.shape, dtype=w.dtype) for w in weights]
+    return [engine.new_mask(w) for w in weights]
+
+
+def _keep(masks):
+    return [m != 0 for m in masks]
 
 
 def _torch_global_masks(layers, amount):
@@ -49,8 +53,8 @@ def test_global_l1_matches_torch_global_unstructured_while_growing(dtype):
         if dtype == torch.float16:
             _assert_equal_up_to_ties(weights, masks, expected)
         else:
-            for mask, ref in zip(masks, expected):
-                assert torch.equal(mask, ref.to(dtype))
+            for keep, ref in zip(_keep(masks), expected):
+                assert torch.equal(keep, ref.bool())
         engine.apply_masks(weights, masks)
         n = sum(w.numel() for w in weights)
         assert sum(int((w == 0).sum()) for w in weights) == round(amount * n)
@@ -65,7 +69,7 @@ def test_layerwise_l1_matches_torch_l1_unstructured():
         for layer, mask in zip(layers, masks):
             reference = copy.deepcopy(layer)
             prune.l1_unstructured(reference, "weight", amount)
-            assert torch.equal(mask, reference.weight_mask)
+            assert torch.equal(mask != 0, reference.weight_mask.bool())
         engine.apply_masks(weights, masks)
 
 
@@ -79,7 +83,7 @@ def test_structured_matches_torch_ln_structured(norm, dim):
         for layer, mask in zip(layers, masks):
             reference = copy.deepcopy(layer)
             prune.ln_structured(reference, "weight", amount, n=norm, dim=dim)
-            assert torch.equal(mask, reference.weight_mask)
+            assert torch.equal(mask != 0, reference.weight_mask.bool())
         engine.apply_masks(weights, masks)
 
 
@@ -93,15 +97,15 @@ def test_multi_pass_narrowing_and_chunk_boundaries(monkeypatch):
         masks = _ones(weights)
         for amount in (0.3, 0.7):
             engine.update_unstructured(weights, masks, amount, engine.l1_scores(weights), "global")
-            for mask, ref in zip(masks, _torch_global_masks(layers, amount)):
-                assert torch.equal(mask, ref.to(dtype))
+            for keep, ref in zip(_keep(masks), _torch_global_masks(layers, amount)):
+                assert torch.equal(keep, ref.bool())
             engine.apply_masks(weights, masks)
 
 
 def test_ties_prefer_already_pruned_then_lowest_index():
     weight = torch.zeros(4, 5)
     weight[0, :3] = 1.0  # a few nonzero entries; the rest tie at 0
-    mask = torch.ones_like(weight)
+    mask = engine.new_mask(weight)
     mask.view(-1)[[17, 18]] = 0  # already pruned, tied at 0 with the others
     engine.update_unstructured([weight], [mask], 0.5, engine.l1_scores([weight]), "global")
     pruned = (mask.view(-1) == 0).nonzero().squeeze(1).tolist()
@@ -113,7 +117,7 @@ def test_ties_across_tensors_go_to_the_earlier_tensor():
     weights = [torch.full((3,), 0.5), torch.full((3,), 0.5)]
     masks = _ones(weights)
     engine.update_unstructured(weights, masks, 4 / 6, engine.l1_scores(weights), "global")
-    assert masks[0].tolist() == [0, 0, 0] and masks[1].tolist() == [0, 1, 1]
+    assert _keep(masks)[0].tolist() == [False] * 3 and _keep(masks)[1].tolist() == [False, True, True]
 
 
 def test_masks_never_regrow():
@@ -154,6 +158,18 @@ def test_random_count_growth_and_reproducibility():
     pruned = first[0][0] == 0
     below_median = weights[0].abs() < weights[0].abs().median()
     assert 0.35 < float(below_median[pruned].float().mean()) < 0.65
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_apply_masks_zeroes_pruned_nan_and_inf_and_keeps_the_rest_bit_exact(dtype):
+    weight = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.5, 1.25, float("nan")], dtype=dtype)
+    keep = torch.tensor([False, False, False, False, True, True])
+    before = weight.clone()
+    mask = engine.mask_from_bool(keep, weight)
+    assert mask.element_size() == weight.element_size()
+    engine.apply_masks([weight], [mask])
+    assert torch.equal(weight[~keep], torch.zeros(4, dtype=dtype)) and not weight[~keep].signbit().any()
+    assert torch.equal(weight[4:5], before[4:5]) and weight[5].isnan()
 
 
 def test_count_to_prune_rounds_like_torch():

@@ -66,3 +66,47 @@ def test_empty_selection_is_an_error():
         select_parameters(Mixed(), ["head.weight"], exclude=["head.*"])
     with pytest.raises(ValueError, match="empty"):
         select_parameters(nn.Sequential(nn.ReLU(), nn.BatchNorm1d(3)))
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(2, 3, 3)
+        self.attn = nn.MultiheadAttention(8, 2)
+        self.cross = nn.MultiheadAttention(8, 2, kdim=4, vdim=6)  # separate q/k/v projection weights
+        self.norm = nn.LayerNorm(8)
+
+
+def test_default_covers_attention_and_transposed_convolutions():
+    assert default_parameter_names(Attention()) == [
+        "up.weight",
+        "attn.in_proj_weight",
+        "attn.out_proj.weight",
+        "cross.q_proj_weight",
+        "cross.k_proj_weight",
+        "cross.v_proj_weight",
+        "cross.out_proj.weight",
+    ]
+
+
+def test_modules_selects_by_layer_type_and_combines_with_patterns():
+    model = Mixed()
+    assert list(select_parameters(model, modules=[nn.Conv2d, nn.Embedding])) == ["conv.weight", "emb.weight"]
+    assert list(select_parameters(model, ["body.*"], modules=[nn.Linear])) == ["body.0.weight", "body.2.weight"]
+    with pytest.raises(ValueError, match=r"`modules` \['ConvTranspose1d'\] selects nothing.*Conv2d"):
+        select_parameters(model, modules=[nn.ConvTranspose1d])
+
+
+def test_a_shared_parameter_matches_by_any_name_and_is_listed_under_every_name():
+    model = nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 5, bias=False))
+    model[1].weight = model[0].weight
+    assert list(select_parameters(model, ["1.weight"])) == ["0.weight"]
+    with pytest.raises(ValueError, match="selection of parameters to prune is empty"):
+        select_parameters(model, exclude=["1.*"])  # excluding the head's name excludes the shared weight
+    with pytest.raises(ValueError, match=r"matches no parameter.*0\.weight \(5, 4\), 1\.weight \(5, 4\)"):
+        select_parameters(model, ["head.*"])
+
+
+def test_globs_may_select_one_dimensional_parameters():
+    selected = select_parameters(Mixed(), ["body.0.*"])
+    assert list(selected) == ["body.0.weight", "body.0.bias"]

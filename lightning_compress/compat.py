@@ -1,0 +1,87 @@
+"""Every use of a private or version-dependent attribute of Lightning, torchmetrics or torch, in one place.
+
+Checked against torch 2.13.0, lightning 2.6.6 and torchmetrics 1.9.0 (CI). Each function says what it reads and
+why no public API does the same; the tests that cover them fail on an upgrade that changes these internals.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torchmetrics
+from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging
+from torch import nn
+
+try:  # lightning >= 2.5
+    from lightning.pytorch.callbacks import WeightAveraging
+except ImportError:  # pragma: no cover - older Lightning
+    WeightAveraging = None
+
+#: Callbacks that overwrite the module's weights with averaged ones at the end of training.
+WEIGHT_AVERAGING_CALLBACKS: tuple[type[Callback], ...] = tuple(
+    c for c in (StochasticWeightAveraging, WeightAveraging) if c is not None
+)
+
+
+def val_data_source(trainer: pl.Trainer) -> Any:
+    """The fit loop's validation data source (``val_loop._data_source``, private in Lightning 2.x).
+
+    It yields the user's own dataloader(s) before Lightning injects a DistributedSampler, which is what rank zero
+    needs to evaluate the whole set; no public API returns them (``trainer.val_dataloaders`` is the wrapped one).
+    """
+    return trainer.fit_loop.epoch_loop.val_loop._data_source
+
+
+def has_val_data(trainer: pl.Trainer) -> bool:
+    return val_data_source(trainer).is_defined() and trainer.limit_val_batches != 0
+
+
+def raw_val_dataloaders(trainer: pl.Trainer) -> Any:
+    return val_data_source(trainer).dataloader()
+
+
+def never_sync(metric: torchmetrics.Metric) -> torchmetrics.Metric:
+    """Stop ``metric`` from all-gathering its state in ``compute`` (torchmetrics reads the private ``_to_sync``).
+
+    Only rank zero evaluates after training: a metric that synced across processes would wait for the others
+    forever. ``sync_on_compute`` alone is read at construction only.
+    """
+    metric.sync_on_compute = False
+    metric._to_sync = False
+    metric.dist_sync_on_step = False
+    return metric
+
+
+# Instance attributes Lightning's ``from_compiled`` sets on a compiled LightningModule (lightning 2.6).
+_COMPILED_METHODS = ("forward", "training_step", "validation_step", "test_step", "predict_step")
+
+
+def uncompiled_copy(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` with every ``torch.compile`` wrapper removed, so the copy runs its own weights.
+
+    Lightning keeps a compiled LightningModule's compiled ``forward`` (and ``*_step``) as instance attributes, the
+    originals in ``_compiler_ctx``; ``torch.compile(submodule)`` wraps submodules in ``OptimizedModule``
+    (``_orig_mod``). A plain deep copy would still run the original module's compiled graph, on its weights.
+    """
+    optimized = torch._dynamo.eval_frame.OptimizedModule
+    while isinstance(module, optimized):
+        module = module._orig_mod
+    hidden: dict[nn.Module, dict[str, Any]] = {}
+    for m in module.modules():
+        if m.__dict__.get("_compiler_ctx") is not None:
+            hidden[m] = {k: m.__dict__.pop(k) for k in (*_COMPILED_METHODS, "_compiler_ctx") if k in m.__dict__}
+            m.__dict__["_compiler_ctx"] = None
+    try:
+        copied = copy.deepcopy(module)
+    finally:
+        for m, attributes in hidden.items():
+            m.__dict__.update(attributes)
+    for parent in list(copied.modules()):
+        for name, child in list(parent.named_children()):
+            while isinstance(child, optimized):
+                child = child._orig_mod
+            setattr(parent, name, child)
+    return copied

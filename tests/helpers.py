@@ -1,0 +1,139 @@
+"""Small models and helpers the tests share: real Lightning classes, local data, nothing downloaded."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.demos import LightningTransformer
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_compress import masks as mask_engine
+
+
+def token_data(vocab_size: int, n: int = 64, length: int = 12, seed: int = 0) -> TensorDataset:
+    """Random token sequences and their next-token targets (a copy task with noise): ``(inputs, target)``."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, vocab_size, (n, length + 1), generator=generator)
+    return TensorDataset(tokens[:, :-1], tokens[:, 1:])
+
+
+class DemoTransformer(LightningTransformer):
+    """Lightning's own demo Transformer (nn.Transformer, MultiheadAttention), on local random tokens."""
+
+    def __init__(self, vocab_size: int = 48) -> None:
+        super().__init__(vocab_size=vocab_size)
+        self.vocab_size = vocab_size
+
+    def prepare_data(self) -> None:  # the demo downloads WikiText2 here
+        pass
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(token_data(self.vocab_size), batch_size=16)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(token_data(self.vocab_size, n=32, seed=1), batch_size=16)
+
+    def validation_step(self, batch, batch_idx):
+        inputs, target = batch
+        self.log("val_loss", F.nll_loss(self(inputs, target), target.view(-1)))
+
+
+class TiedLM(pl.LightningModule):
+    """A tiny language model whose output head shares its weight with the token embedding (GPT-style)."""
+
+    def __init__(self, vocab_size: int = 40, dim: int = 24) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.embedding = nn.Embedding(vocab_size, dim)
+        self.body = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim))
+        self.head = nn.Linear(dim, vocab_size, bias=False)
+        self.head.weight = self.embedding.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(self.embedding(tokens)))
+
+    def training_step(self, batch, batch_idx):
+        inputs, target = batch
+        return F.cross_entropy(self(inputs).flatten(0, 1), target.flatten())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(token_data(self.vocab_size), batch_size=16)
+
+
+class ConfiguredMLP(pl.LightningModule):
+    """Builds every layer in ``configure_model`` (Lightning's hook for large models); digits-shaped."""
+
+    def __init__(self, hidden: int = 32) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.net: nn.Module | None = None
+        self.val_acc = torchmetrics.Accuracy(task="multiclass", num_classes=10)
+
+    def configure_model(self) -> None:
+        if self.net is None:
+            self.net = nn.Sequential(nn.Linear(64, self.hidden), nn.ReLU(), nn.Linear(self.hidden, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        self.val_acc(self(batch[0]), batch[1])
+        self.log("val_acc", self.val_acc)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+def zero_fraction(tensors) -> float:
+    tensors = list(tensors)
+    return sum(int((t == 0).sum()) for t in tensors) / sum(t.numel() for t in tensors)
+
+
+def expected_fraction(amount: float, tensors) -> float:
+    """The exact fraction ``round(amount * n) / n`` that pruning to ``amount`` leaves over ``tensors``."""
+    n = sum(t.numel() for t in tensors)
+    return mask_engine.count_to_prune(amount, n) / n
+
+
+class Probe(Callback):
+    """Records, after every training batch, the selected weights' sparsity and how many pruned entries are not 0."""
+
+    def __init__(self, pruning) -> None:
+        self.pruning = pruning
+        self.sparsity_by_epoch: dict[int, list[float]] = {}
+        self.all_kept_by_epoch: dict[int, bool] = {}
+        self.violations = 0
+        self.batches = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        weights = self.pruning.selected_parameters
+        masks = self.pruning.masks
+        epoch = trainer.current_epoch
+        self.sparsity_by_epoch.setdefault(epoch, []).append(zero_fraction(weights.values()))
+        all_kept = all(bool(keep.all()) for keep in masks.values())
+        self.all_kept_by_epoch[epoch] = self.all_kept_by_epoch.get(epoch, True) and all_kept
+        for name, keep in masks.items():
+            pruned = weights[name][~keep]
+            self.violations += int((pruned != 0).sum()) + int(pruned.isnan().sum())
+        self.batches += 1
+
+
+def pruned_mlp(widths, sparsity: float, scope: str = "global") -> nn.Sequential:
+    """A seeded MLP (Linear/ReLU) in eval mode whose Linear weights are magnitude-pruned to ``sparsity``."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    for a, b in zip(widths, widths[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    model = nn.Sequential(*layers[:-1]).eval()
+    mask_engine.prune_by_magnitude([m.weight for m in model if isinstance(m, nn.Linear)], sparsity, scope)
+    return model
