@@ -71,7 +71,7 @@ def main() -> None:
                 x = torch.rand(batch, widths[0])
                 int8 = quantize_dynamic_copy(model, torch.qint8, {nn.Linear})
                 choices = choose_linear_kernels(model, x, torch.qint8)
-                auto = build_with_kernels(model, choices, torch.qint8, {nn.Linear})
+                auto = build_with_kernels(model, choices, torch.qint8)
                 dense, int8_dense = serialized_size_bytes(model), serialized_size_bytes(int8)
                 int8_comp = save_compressed(int8, x, Path(folder) / "q.lcz")
                 fp32_comp = save_compressed(model, x, Path(folder) / "f.lcz")

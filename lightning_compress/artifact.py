@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from lightning_compress.backends import torch_internal_warnings_silenced
+from lightning_compress.inputs import ModelInput, forward_adapter, plain_outputs
 
 FORMAT = "lightning_compress.quantized"
 VERSION = 1
@@ -34,6 +35,11 @@ COMPRESSED_MAGIC = b"LCOMPRS\x00"  # files of lightning_compress.compressed, whi
 
 def save_quantized(model: nn.Module, example_input: Any, path: str | os.PathLike, **metadata: Any) -> None:
     """Trace ``model`` on ``example_input`` and write a standalone artifact to ``path``.
+
+    ``example_input`` follows Lightning's ``example_input_array`` convention (a tensor, a tuple of positional
+    inputs, or a dict of keyword inputs) or is a :class:`lightning_compress.inputs.ModelInput`. The artifact is
+    called as ``model`` is (``artifact(**inputs)`` for keyword inputs) and returns tensors, tuples of them, or
+    dicts of them (a ``ModelOutput`` or dataclass comes back as a dict of its non-None fields).
 
     Raises:
         RuntimeError: the reloaded artifact does not reproduce the model's output on ``example_input``.
@@ -46,19 +52,28 @@ def save_quantized(model: nn.Module, example_input: Any, path: str | os.PathLike
 def traced_archive(model: nn.Module, example_input: Any, **metadata: Any) -> bytes:
     """The bytes of a verified TorchScript archive of ``model`` traced on ``example_input``, with our header."""
     model.eval()
-    header = {"format": FORMAT, "version": VERSION, "torch": torch.__version__, **metadata}
+    example = ModelInput.from_example(example_input)
+    adapter, trace_inputs = forward_adapter(model, example)
+    header = {
+        "format": FORMAT,
+        "version": VERSION,
+        "torch": torch.__version__,
+        "inputs": {"positional": len(example.args), "keywords": list(example.kwargs)},
+        **metadata,
+    }
     buffer = io.BytesIO()
     with torch_internal_warnings_silenced(), torch.inference_mode(), _lightning_scripting(model):
-        traced = torch.jit.trace(model, example_input, check_trace=False)
+        traced = torch.jit.trace(adapter, example_kwarg_inputs=trace_inputs, check_trace=False, strict=False)
         torch.jit.save(traced, buffer, _extra_files={_HEADER: json.dumps(header)})
-    verify_reproduces(model, _load_archive(buffer.getvalue(), "the traced model"), example_input)
+    verify_reproduces(model, _load_archive(buffer.getvalue(), "the traced model"), example)
     return buffer.getvalue()
 
 
 def verify_reproduces(model: nn.Module, loaded: nn.Module, example_input: Any) -> None:
     """Raise ``RuntimeError`` unless ``loaded`` gives exactly ``model``'s output on ``example_input``."""
+    example = ModelInput.from_example(example_input)
     with torch.inference_mode():
-        expected, actual = model(example_input), loaded(example_input)
+        expected, actual = plain_outputs(example(model)), example(loaded)
     if not _same(expected, actual):
         raise RuntimeError(
             "The saved artifact does not reproduce the model's output on the example batch; the model's forward "
@@ -126,6 +141,8 @@ def _load_archive(archive: bytes, source: str) -> torch.jit.ScriptModule:
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, torch.Tensor):
         return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     if isinstance(a, (tuple, list)):
         return isinstance(b, (tuple, list)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     return a == b

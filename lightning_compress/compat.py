@@ -81,7 +81,39 @@ def uncompiled_copy(module: nn.Module) -> nn.Module:
             m.__dict__.update(attributes)
     for parent in list(copied.modules()):
         for name, child in list(parent.named_children()):
-            while isinstance(child, optimized):
-                child = child._orig_mod
-            setattr(parent, name, child)
+            if isinstance(child, optimized):
+                while isinstance(child, optimized):
+                    child = child._orig_mod
+                setattr(parent, name, child)
     return copied
+
+
+def disable_transformer_fast_path(model: nn.Module) -> list[str]:
+    """Turn off the fused inference fast path of ``nn.TransformerEncoderLayer``/``nn.TransformerEncoder`` in
+    ``model`` (only there, unlike the global ``torch.backends.mha.set_fastpath_enabled``); returns their names.
+
+    The fast path reads ``linear1.weight.device`` and friends, which a dynamically quantized Linear exposes as a
+    method, not a tensor. torch 2.13 checks ``activation_relu_or_gelu`` (layer) and ``use_nested_tensor``
+    (encoder) before touching the weights; the layers' ordinary forward does not read either attribute.
+    """
+    changed = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.TransformerEncoderLayer):
+            module.activation_relu_or_gelu = False
+            changed.append(name)
+        elif isinstance(module, nn.TransformerEncoder):
+            module.use_nested_tensor = False
+            changed.append(name)
+    return changed
+
+
+def forget_metric_attributes(module: nn.Module) -> None:
+    """Drop LightningModule's cache of ``id(metric) -> attribute name`` (``_metric_attributes``, lightning 2.6).
+
+    ``self.log(name, metric)`` looks the metric up by ``id`` in that cache; a deep copy carries the original's
+    cache, whose ids are not the copy's metrics, and logging then fails with "Could not find the LightningModule
+    attribute for the torchmetrics.Metric logged".
+    """
+    for m in module.modules():
+        if isinstance(m, pl.LightningModule):
+            m._metric_attributes = None

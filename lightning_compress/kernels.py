@@ -9,7 +9,9 @@ is kept. Plain PyTorch: usable without a Trainer.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import statistics
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -17,6 +19,7 @@ import torch.utils.benchmark as benchmark
 from torch import Tensor, nn
 
 from lightning_compress.backends import quantize_dynamic_copy, torch_internal_warnings_silenced
+from lightning_compress.inputs import ModelInput
 
 QUANTIZED_DENSE = "quantized dense"
 SPARSE_CSR = "fp32 sparse (CSR)"
@@ -44,6 +47,12 @@ class SparseLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
+#: Rounds of interleaved timing per layer, and how much faster than quantized dense (the default) another kernel
+#: must be in every round (its slowest round against quantized dense's fastest) to replace it.
+ROUNDS = 5
+CLEAR_MARGIN = 1.10
+
+
 @dataclass
 class KernelChoice:
     """What was measured for one Linear layer, in milliseconds per call on its real input."""
@@ -51,6 +60,8 @@ class KernelChoice:
     chosen: str
     times_ms: dict[str, float]
     sparsity: float
+    spread_ms: dict[str, tuple[float, float]] = field(default_factory=dict)
+    too_close_to_call: bool = False
 
     @property
     def speedup(self) -> float:
@@ -68,26 +79,55 @@ def layer_inputs(model: nn.Module, example_input: Any, names: list[str]) -> dict
     ]
     try:
         with torch.inference_mode():
-            model(example_input)
+            ModelInput.from_example(example_input)(model)
     finally:
         for handle in handles:
             handle.remove()
     return captured
 
 
-def _time_ms(module: nn.Module, x: Tensor) -> float:
+def _time_rounds(candidates: dict[str, nn.Module], x: Tensor, rounds: int) -> dict[str, list[float]]:
+    """Per-round median time (ms) of each candidate on ``x``, candidates interleaved, order reversed every round."""
+    per_round: dict[str, list[float]] = {kind: [] for kind in candidates}
     with torch.inference_mode():
-        timer = benchmark.Timer("m(x)", globals={"m": module, "x": x}, num_threads=torch.get_num_threads())
-        return timer.blocked_autorange(min_run_time=0.1).median * 1e3
+        for r in range(rounds):
+            for kind in list(candidates) if r % 2 == 0 else reversed(list(candidates)):
+                timer = benchmark.Timer(
+                    "m(x)", globals={"m": candidates[kind], "x": x}, num_threads=torch.get_num_threads()
+                )
+                per_round[kind].append(timer.blocked_autorange(min_run_time=0.02).median * 1e3)
+    return per_round
 
 
-def choose_linear_kernels(model: nn.Module, example_input: Any, dtype: torch.dtype) -> dict[str, KernelChoice]:
-    """Time quantized dense, fp32 CSR and fp32 dense for each Linear of the float ``model``; keep the fastest.
+def choose_kernel(per_round: dict[str, list[float]]) -> tuple[str, bool]:
+    """The kernel to use from per-round times, and whether the choice was too close to call.
+
+    Quantized dense is the default. Another kernel replaces it only when its slowest round is faster than quantized
+    dense's fastest by ``CLEAR_MARGIN``; among several such, the lowest median wins. A kernel with a lower median
+    that does not clear that bar leaves the default in place and marks the choice as too close to call.
+    """
+    default = per_round[QUANTIZED_DENSE]
+    medians = {kind: statistics.median(times) for kind, times in per_round.items()}
+    clear = [kind for kind, times in per_round.items() if max(times) * CLEAR_MARGIN < min(default)]
+    if clear:
+        return min(clear, key=medians.__getitem__), False
+    return QUANTIZED_DENSE, any(medians[k] < medians[QUANTIZED_DENSE] for k in per_round if k != QUANTIZED_DENSE)
+
+
+def choose_linear_kernels(
+    model: nn.Module,
+    example_input: Any,
+    dtype: torch.dtype,
+    names: Iterable[str] | None = None,
+    rounds: int = ROUNDS,
+) -> dict[str, KernelChoice]:
+    """Time quantized dense, fp32 CSR and fp32 dense for each Linear of the float ``model`` (those in ``names`` when
+    given) on its real input, and choose with :func:`choose_kernel`.
 
     A candidate whose output differs from its own reference (the CSR layer from the dense fp32 layer, beyond
     float tolerance) is not eligible.
     """
-    linears = {n: m for n, m in model.named_modules() if type(m) is nn.Linear}
+    linears = {n: m for n, m in model.named_modules() if type(m) is nn.Linear and (names is None or n in names)}
     inputs = layer_inputs(model, example_input, list(linears))
     choices = {}
     for name, linear in linears.items():
@@ -98,25 +138,35 @@ def choose_linear_kernels(model: nn.Module, example_input: Any, dtype: torch.dty
         sparse = SparseLinear(linear)
         with torch.inference_mode():
             reference = linear(x)
-            eligible = {FLOAT_DENSE: linear, QUANTIZED_DENSE: quantized}
+            eligible = {QUANTIZED_DENSE: quantized, FLOAT_DENSE: linear}
             if torch.allclose(sparse(x), reference, rtol=1e-4, atol=1e-5):
                 eligible[SPARSE_CSR] = sparse
-        times = {kind: _time_ms(module, x) for kind, module in eligible.items()}
+        per_round = _time_rounds(eligible, x, rounds)
+        chosen, close = choose_kernel(per_round)
         sparsity = float((linear.weight == 0).float().mean())
-        choices[name] = KernelChoice(min(times, key=times.__getitem__), times, sparsity)
+        choices[name] = KernelChoice(
+            chosen,
+            {kind: statistics.median(t) for kind, t in per_round.items()},
+            sparsity,
+            {kind: (min(t), max(t)) for kind, t in per_round.items()},
+            close,
+        )
     return choices
 
 
 def build_with_kernels(
-    model: nn.Module, choices: dict[str, KernelChoice], dtype: torch.dtype, other_types: set[type[nn.Module]]
+    model: nn.Module, choices: dict[str, KernelChoice], dtype: torch.dtype, names: Iterable[str] | None = None
 ) -> nn.Module:
-    """A copy of the float ``model`` with each chosen kernel in place; other quantizable types quantized as usual."""
-    targets: set[Any] = {t for t in other_types if t is not nn.Linear}
-    targets |= {name for name, choice in choices.items() if choice.chosen == QUANTIZED_DENSE}
+    """A copy of the float ``model`` with each chosen kernel in place; the other named layers (default: every
+    quantizable one) quantized as usual."""
+    from lightning_compress.pipeline import quantizable_modules, quantize
+
+    names = set(quantizable_modules(model) if names is None else names)
+    targets = {n for n in names if n not in choices or choices[n].chosen == QUANTIZED_DENSE}
     # Quantize first: the quantization backend deep-copies the model, and CSR tensors cannot be deep-copied.
-    result = quantize_dynamic_copy(model, dtype, targets) if targets else copy.deepcopy(model).eval()
+    result = quantize(model, dtype, targets) if targets else copy.deepcopy(model).eval()
     for name, choice in choices.items():
-        if choice.chosen == SPARSE_CSR:
+        if choice.chosen == SPARSE_CSR and name in names:
             parent_name, _, child = name.rpartition(".")
             parent = result.get_submodule(parent_name) if parent_name else result
             setattr(parent, child, SparseLinear(getattr(parent, child)))

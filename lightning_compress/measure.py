@@ -1,4 +1,4 @@
-"""Measuring a model: accuracy over a dataloader (torchmetrics), serialized size, CPU latency, sparsity.
+"""Measuring a model: a metric over (input, target) batches (torchmetrics), serialized size, sparsity.
 
 Plain PyTorch: usable without a Trainer. Every figure is measured on the model it is given, never estimated.
 Batches are ``(input, target)`` pairs (the first two items of a tuple/list batch).
@@ -7,9 +7,7 @@ Batches are ``(input, target)`` pairs (the first two items of a tuple/list batch
 from __future__ import annotations
 
 import io
-import statistics
-import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -66,30 +64,6 @@ def serialized_size_bytes(model: nn.Module) -> int:
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     return buffer.getbuffer().nbytes
-
-
-@torch.inference_mode()
-def latency_ms(model: nn.Module, inputs: list[Any], warmup: int = 3, min_samples: int = 20) -> float:
-    """Median wall time per batch in milliseconds, on the CPU, after ``warmup`` batches.
-
-    The inputs are cycled until at least ``min_samples`` batches were timed (each batch once at least).
-    """
-    model.eval()
-    if not inputs:
-        raise ValueError("latency needs at least one input batch")
-    for x in _cycle(inputs, warmup):
-        model(x)
-    times = []
-    for x in _cycle(inputs, max(min_samples, len(inputs))):
-        start = time.perf_counter()
-        model(x)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
-
-
-def _cycle(items: list[Any], count: int) -> Iterator[Any]:
-    for i in range(count):
-        yield items[i % len(items)]
 
 
 def zero_fraction(tensors: Iterable[Tensor]) -> float:

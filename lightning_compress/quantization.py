@@ -1,29 +1,40 @@
-"""``DynamicQuantization``: post-training dynamic quantization at the end of ``fit``, measured and logged."""
+"""``DynamicQuantization``: post-training dynamic quantization at the end of ``fit``, measured and logged.
+
+The work is done by plain functions (:mod:`lightning_compress.pipeline`, :mod:`lightning_compress.evaluation`,
+:mod:`lightning_compress.artifact`); this callback decides when, on which rank and with which data, rehearses the
+whole path on one batch before training, and logs what it measured.
+"""
 
 from __future__ import annotations
 
-import copy
+import contextlib
 import itertools
+import numbers
 import os
-from collections.abc import Iterable, Iterator
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 import torchmetrics
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_compress import measure, report
+from lightning_compress import compat, evaluation, measure, pipeline, report
 from lightning_compress.artifact import save_quantized
-from lightning_compress.backends import DTYPES, SUPPORTED_MODULES, quantize_dynamic_copy
+from lightning_compress.backends import DTYPES, SUPPORTED_MODULES
 from lightning_compress.compressed import save_compressed
+from lightning_compress.inputs import ModelInput, capture_inputs
 from lightning_compress.kernels import KernelChoice, build_with_kernels, choose_linear_kernels
 
 #: Latency is timed on (up to) this many evaluation batches.
 LATENCY_BATCHES = 32
+#: Rounds of interleaved timing of the float and the quantized model.
+LATENCY_ROUNDS = 5
 
 
 class QuantizationError(RuntimeError):
@@ -35,47 +46,59 @@ class DynamicQuantization(Callback):
 
     Weights of the supported layers are quantized ahead of time (int8 or float16); activations are quantized on
     the fly inside those layers. Runs in ``on_fit_end``, after ``MagnitudePruning`` made its masks permanent, on
-    rank zero, on the CPU. The LightningModule itself stays float and trainable; the quantized copy is
-    ``quantized_model``.
+    rank zero, on the CPU, on a float32 copy without ``torch.compile`` wrappers. The LightningModule itself stays as
+    it is and trainable; the quantized copy is ``quantized_model``. Before the first training step the whole path
+    is rehearsed on one batch (copy, quantize, evaluate, trace, reload, check ``save_path``'s folder), so what
+    would fail at the end of fit fails at the start.
+
+    Evaluation: when the module has a ``validation_step`` (and neither ``metric`` nor ``dataloader`` is given), the
+    float and the quantized copy are evaluated with it on the validation data, through Lightning, and every metric
+    it logs is reported as ``quantization/<name>_before`` / ``_after``. Otherwise batches are ``(input, target)``
+    and ``metric`` (default: multiclass accuracy of the argmax) is computed, reported as ``accuracy``.
 
     Args:
         dtype: ``"qint8"`` or ``"float16"`` (``torch.qint8`` / ``torch.float16`` accepted).
-        modules: the layer types to quantize; ``None``: every supported type present in the model
-            (Linear, LSTM, GRU, LSTMCell, GRUCell, RNNCell).
-        evaluate: measure the metric before and after quantization on the evaluation data.
-        metric: a torchmetrics ``Metric`` of ``(output, target)``; default: multiclass accuracy of the logits'
-            argmax, classes inferred from the output's last dimension.
-        dataloader: evaluation data of ``(input, target)`` batches; default: the trainer's validation
-            dataloader(s), as the LightningModule/DataModule define them (the full set, also under DDP).
-        save_path: write a standalone artifact there (see :func:`lightning_compress.load_quantized`).
-        compress: write ``save_path`` in the compressed format (see :mod:`lightning_compress.compressed`): the
-            zeros pruning made cost about a bit each; ``load_quantized`` and ``load_compressed`` both read it.
+        modules: what to quantize: ``None`` for every supported layer (Linear, LSTM, GRU, LSTMCell, GRUCell,
+            RNNCell), or layer types and/or glob patterns over module names (e.g. ``["encoder.*"]``).
+        evaluate: measure the metrics and latency before and after quantization on the evaluation data.
+        metric: a torchmetrics ``Metric`` of ``(output, target)`` for the ``(input, target)`` path.
+        dataloader: evaluation batches ``(input, target)`` (a DataLoader, a list of batches, any iterable) for the
+            ``(input, target)`` path; default: the trainer's validation dataloader(s), the full set also under DDP.
+        save_path: write a standalone artifact there (see :func:`lightning_compress.load_quantized`), called as the
+            module's forward is called.
+        baseline_accuracy: optional accuracy of a reference model measured elsewhere, shown in the summary table.
+        compress: write ``save_path`` in the compressed format (see :mod:`lightning_compress.compressed`).
         sparse_kernels: ``"auto"``: for each quantizable Linear, time quantized dense, fp32 sparse (CSR) and fp32
-            dense on the activations of a real evaluation batch and keep the fastest (see
-            :mod:`lightning_compress.kernels`); ``"off"``: quantize every Linear.
-        baseline_accuracy: optional accuracy of a reference model measured elsewhere (say, the same model
-            trained without pruning), shown beside the measured figures in the summary table.
+            dense on its real input and keep quantized dense unless another is clearly faster (see
+            :func:`lightning_compress.kernels.choose_kernel`); ``"off"``: quantize every selected Linear.
+        monitor: the headline metric, a name the module logs in its validation (as in ModelCheckpoint and
+            EarlyStopping): ``quantization/accuracy_before``/``_after`` are its values and the summary leads with
+            it. ``None``: the trainer's ModelCheckpoint/EarlyStopping ``monitor`` when logged, else the first
+            logged metric containing ``acc``.
+        exclude: glob patterns over module names to leave in float (e.g. ``["classifier"]``).
 
-    Logged once at the end of fit, to every logger: ``quantization/accuracy_before``,
-    ``quantization/accuracy_after`` (with ``evaluate``), ``quantization/size_mb_before``,
-    ``quantization/size_mb_after`` (bytes of the serialized state dict / 1e6),
-    ``quantization/latency_ms_before``, ``quantization/latency_ms_after`` (median per batch over the evaluation
-    data, on the CPU, after warm-up), ``quantization/size_mb_compressed`` (bytes of the compressed artifact / 1e6,
-    with ``compress=True``), ``quantization/kernel_speedup/<layer>`` (fp32 dense time / chosen kernel's time,
-    with ``sparse_kernels="auto"``), and ``pruning/sparsity`` when a pruning callback ran.
+    Logged once at the end of fit, to every logger: ``quantization/<metric>_before``/``_after`` for each metric,
+    ``quantization/accuracy_before``/``_after`` (the headline metric), ``quantization/size_mb_before``/``_after``
+    (bytes of the serialized state dict / 1e6), ``quantization/latency_ms_before``/``_after`` (median per batch,
+    the two models timed interleaved on the same batches), ``quantization/coverage`` (fraction of the model's
+    parameters in quantized layers), ``quantization/size_mb_compressed`` (with ``compress=True``),
+    ``quantization/kernel_speedup/<layer>`` (with ``sparse_kernels="auto"``), and ``pruning/sparsity`` /
+    ``quantization/sparsity_after`` when a pruning callback ran.
     """
 
     def __init__(
         self,
         dtype: str | torch.dtype = "qint8",
-        modules: set[type[nn.Module]] | None = None,
+        modules: Sequence[type[nn.Module] | str] | None = None,
         evaluate: bool = True,
         metric: torchmetrics.Metric | None = None,
-        dataloader: DataLoader | None = None,
+        dataloader: Iterable[Any] | None = None,
         save_path: str | os.PathLike | None = None,
         baseline_accuracy: float | None = None,
         compress: bool = False,
         sparse_kernels: Literal["auto", "off"] = "off",
+        monitor: str | None = None,
+        exclude: Sequence[str] = (),
     ) -> None:
         super().__init__()
         by_dtype = {v: k for k, v in DTYPES.items()}
@@ -84,42 +107,61 @@ class DynamicQuantization(Callback):
         if dtype not in DTYPES:
             raise ValueError(f"`dtype` must be one of {list(DTYPES)} (or torch.qint8 / torch.float16), got {dtype!r}")
         if modules is not None:
-            modules = set(modules)
-            unsupported = [m for m in modules if not (isinstance(m, type) and m in SUPPORTED_MODULES)]
+            modules = [modules] if isinstance(modules, (str, type)) else list(modules)
+            unsupported = [
+                m for m in modules if not (isinstance(m, str) or (isinstance(m, type) and m in SUPPORTED_MODULES))
+            ]
             if unsupported or not modules:
-                names = ", ".join(getattr(m, "__name__", repr(m)) for m in unsupported) or "an empty set"
+                names = ", ".join(getattr(m, "__name__", repr(m)) for m in unsupported) or "an empty list"
                 raise ValueError(
-                    f"`modules` got {names}, which dynamic quantization cannot quantize. It covers "
-                    f"{_names(SUPPORTED_MODULES)}: their weights are quantized ahead of time and activations are "
-                    "quantized on the fly inside these layers, so other modules (ReLU, Conv2d, ...) have no "
-                    "dynamically quantized form. Use static quantization for convolutions."
+                    f"`modules` got {names}, which dynamic quantization cannot quantize. It takes glob patterns over "
+                    f"module names and the layer types {_names(SUPPORTED_MODULES)}: their weights are quantized ahead "
+                    "of time and activations are quantized on the fly inside these layers, so other modules (ReLU, "
+                    "Conv2d, ...) have no dynamically quantized form. Use static quantization for convolutions."
                 )
+        if isinstance(exclude, str):
+            exclude = [exclude]
+        if not all(isinstance(p, str) for p in exclude):
+            raise ValueError(f"`exclude` must be a list of glob patterns over module names (str), got {exclude!r}")
+        if not isinstance(evaluate, bool):
+            raise ValueError(f"`evaluate` must be True or False, got {evaluate!r}")
         if metric is not None and not isinstance(metric, torchmetrics.Metric):
             raise ValueError(f"`metric` must be a torchmetrics.Metric or None, got {type(metric).__name__}")
-        if dataloader is not None and not isinstance(dataloader, Iterable):
+        if dataloader is not None and (isinstance(dataloader, (str, bytes)) or not isinstance(dataloader, Iterable)):
             raise ValueError(f"`dataloader` must be an iterable of (input, target) batches, got {dataloader!r}")
         if sparse_kernels not in ("auto", "off"):
             raise ValueError(f"`sparse_kernels` must be one of ['auto', 'off'], got {sparse_kernels!r}")
-        self.sparse_kernels = sparse_kernels
-        self.kernel_choices: dict[str, KernelChoice] = {}
         if compress and save_path is None:
             raise ValueError("`compress=True` needs `save_path`: it is the format of the saved artifact")
-        self.compress = compress
+        if baseline_accuracy is not None and (
+            isinstance(baseline_accuracy, bool) or not isinstance(baseline_accuracy, numbers.Real)
+        ):
+            raise ValueError(f"`baseline_accuracy` must be None or a number, got {baseline_accuracy!r}")
+        if monitor is not None and (not isinstance(monitor, str) or not monitor):
+            raise ValueError(f"`monitor` must be None or the name of a logged metric, got {monitor!r}")
         self.dtype = dtype
         self.modules = modules
+        self.exclude = list(exclude)
         self.evaluate = evaluate
         self.metric = metric
         self.dataloader = dataloader
         self.save_path = os.fspath(save_path) if save_path is not None else None
-        self.quantized_model: nn.Module | None = None
         self.baseline_accuracy = baseline_accuracy
+        self.compress = compress
+        self.sparse_kernels = sparse_kernels
+        self.monitor = monitor
+
+        self.quantized_model: nn.Module | None = None
         self.results: dict[str, float] = {}
+        self.comparison: pipeline.Comparison | None = None
         self.layer_sparsity: dict[str, tuple[float, float]] = {}
-        self._module_types: set[type[nn.Module]] = set()
+        self.kernel_choices: dict[str, KernelChoice] = {}
+        self.stage_seconds: dict[str, float] = {}
+        self.quantized_layers: list[str] = []
 
     # ------------------------------------------------------------------ before training: fail fast
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit" or self.dataloader is not None or _has_val_data(trainer):
+        if stage != "fit" or self.dataloader is not None or compat.has_val_data(trainer):
             return
         if self.evaluate:
             raise ValueError(
@@ -127,62 +169,158 @@ class DynamicQuantization(Callback):
                 "dataloader. Define `val_dataloader`, pass `val_dataloaders` to `fit`, pass `dataloader=`, or set "
                 "`evaluate=False`."
             )
+        if pl_module.example_input_array is not None:
+            return
         needs = "save_path=...) traces the model" if self.save_path is not None else None
         if self.sparse_kernels == "auto":
             needs = "sparse_kernels='auto') times kernels"
         if needs:
             raise ValueError(
                 f"DynamicQuantization({needs} on one real input batch, but there is no validation dataloader to "
-                "take it from. Pass `dataloader=` or provide validation data."
+                "take it from. Set `example_input_array` on the LightningModule, pass `dataloader=`, or provide "
+                "validation data."
             )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # After `configure_model`, so layers created there are seen; still before the first training step.
-        present = {type(m) for m in pl_module.modules()}
-        wanted = self.modules if self.modules is not None else set(SUPPORTED_MODULES)
-        self._module_types = {t for t in wanted if t in present}
-        if not self._module_types:
-            held = sorted({type(m).__name__ for m in pl_module.modules() if not list(m.children())})
+        # After `configure_model` and the strategy's setup; still before the first training step. Rank zero
+        # rehearses, and every rank raises its error, so that no rank waits for another one that stopped.
+        error = None
+        if trainer.is_global_zero:
+            try:
+                self._run(trainer, pl_module, rehearsal=True)
+            except Exception as exception:  # reported on every rank below
+                error = (
+                    f"{type(exception).__name__}: {exception}"
+                    if not isinstance(exception, ValueError)
+                    else str(exception)
+                )
+        error = trainer.strategy.broadcast(error, src=0)
+        if error is not None:
             raise ValueError(
-                f"DynamicQuantization would quantize nothing: the model has no {_names(wanted)} module. "
-                f"Dynamic quantization covers {_names(SUPPORTED_MODULES)}; the model holds {', '.join(held)}."
+                f"DynamicQuantization rehearsed its end-of-fit work on one batch before training, and it failed: "
+                f"{error}"
             )
-        if self.evaluate and trainer.is_global_zero:
-            self._dry_run(pl_module, next(iter(self._batches(trainer))))
 
-    def _dry_run(self, pl_module: pl.LightningModule, batch: Any) -> None:
-        x, y = measure.split_batch(batch)
-        was_training = pl_module.training
-        pl_module.eval()
+    # ------------------------------------------------------------------ after training
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
         try:
-            with torch.inference_mode():
-                output = pl_module(measure.to_device(x, pl_module.device)).cpu()
-        finally:
-            pl_module.train(was_training)
-        metric = self._metric_for(output)
+            self._run(trainer, pl_module, rehearsal=False)
+        except Exception as error:
+            raise QuantizationError(
+                f"DynamicQuantization failed after training ({type(error).__name__}: {error}). The trained float "
+                "model and its checkpoints are intact."
+            ) from error
+
+    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, rehearsal: bool) -> None:
+        """The end-of-fit path; with ``rehearsal`` on one batch, writing nothing but a temporary artifact."""
+        stages: dict[str, float] = {}
+        limit = 1 if rehearsal else None
+        progress = not rehearsal and trainer.progress_bar_callback is not None
+        dtype = DTYPES[self.dtype]
+        with _timed(stages, "copy"):
+            float_model, cast_from = pipeline.float_copy(pl_module)
+            names = pipeline.select_modules(float_model, self.modules, self.exclude)
+        example = self._example_input(pl_module, cast_from)
+        needs_inputs = self.save_path is not None or self.sparse_kernels == "auto" or self.evaluate
+        with _timed(stages, "evaluate float"):
+            if self.evaluate or (needs_inputs and example is None):
+                batches = limit if self.evaluate else 1
+                inputs, before = self._evaluate(trainer, float_model, batches, progress and self.evaluate)
+                before = before if self.evaluate else {}
+            else:
+                inputs, before = [], {}
+        if example is not None:
+            inputs = [example]
+        if needs_inputs and not inputs:
+            raise ValueError(
+                "the model's forward was never called during validation, so there is no input to time or trace. "
+                "Set `example_input_array` on the LightningModule (a tensor, a tuple of inputs or a dict of keyword "
+                "inputs), or call `self(...)` in `validation_step`."
+            )
+        headline = self._headline(trainer, before)
+        with _timed(stages, "quantize"):
+            if self.sparse_kernels == "auto" and not rehearsal:
+                self.kernel_choices = choose_linear_kernels(float_model, inputs[0], dtype, names)
+                quantized = build_with_kernels(float_model, self.kernel_choices, dtype, names)
+            else:
+                quantized = pipeline.quantize(float_model, dtype, names)
+        with _timed(stages, "evaluate quantized"):
+            after = self._evaluate(trainer, quantized, limit, progress)[1] if self.evaluate else {}
+            if not self.evaluate and inputs:
+                inputs[0](quantized)  # it runs, at least
+        if rehearsal:
+            self._rehearse_artifact(quantized, inputs[0] if inputs else None)
+            return
+        with _timed(stages, "time latency"):
+            timed = inputs if self.evaluate else []
+            comparison = pipeline.compare(float_model, quantized, names, timed, before, after, LATENCY_ROUNDS)
+        comparison.cast_from = cast_from
+        results = self._results(comparison, headline)
+        results.update(self._sparsity(trainer, float_model, quantized))
+        if self.save_path is not None:
+            with _timed(stages, "save artifact"):
+                size = self._save(trainer, quantized, inputs[0])
+            if size is not None:
+                results[report.SIZE_COMPRESSED] = size / 1e6
+        self.quantized_model, self.comparison, self.results = quantized, comparison, results
+        self.quantized_layers, self.stage_seconds = names, stages
+        report.log_to_loggers(trainer, results)
+        self._warn_about_regressions(comparison)
+        rank_zero_info(
+            report.summary_table(
+                results,
+                self.dtype,
+                self.layer_sparsity,
+                self.baseline_accuracy,
+                self.save_path if self._writes_artifact(trainer) else None,
+                self.kernel_choices,
+                headline=headline,
+                comparison=comparison,
+                stage_seconds=stages,
+            )
+        )
+
+    # ------------------------------------------------------------------ pieces
+    def _uses_validation_step(self, pl_module: nn.Module) -> bool:
+        return self.metric is None and self.dataloader is None and evaluation.has_validation_step(pl_module)
+
+    def _evaluate(
+        self, trainer: pl.Trainer, model: nn.Module, limit: int | None, progress: bool
+    ) -> tuple[list[ModelInput], dict[str, float]]:
+        """Metrics of ``model`` on the evaluation data (the first ``limit`` batches) and the inputs its forward got."""
+        if self._uses_validation_step(model):
+            loaders = compat.raw_val_dataloaders(trainer)
+            return capture_inputs(
+                model,
+                lambda: evaluation.validate(model, loaders, limit if limit is not None else 1.0, progress),
+                LATENCY_BATCHES,
+            )
+        batches = list(itertools.islice(self._batches(trainer), limit)) if limit is not None else self._batches(trainer)
+        return capture_inputs(model, lambda: {"accuracy": self._metric_value(model, batches)}, LATENCY_BATCHES)
+
+    def _metric_value(self, model: nn.Module, batches: Iterable[Any]) -> float:
+        batches = iter(batches)
+        first = next(batches)
+        x, y = measure.split_batch(first)
+        with torch.inference_mode():
+            output = model(x)
+        metric = self.metric.clone() if self.metric is not None else measure.default_metric(output)
+        compat.never_sync(metric.to("cpu"))
         try:
-            metric.update(output, y)
-            metric.compute()
+            return measure.evaluate(model, itertools.chain([first], batches), metric)
         except Exception as error:
             raise ValueError(
-                f"The metric {type(metric).__name__} cannot be computed on the model's output (shape "
+                f"the metric {type(metric).__name__} cannot be computed on the model's output (shape "
                 f"{tuple(output.shape)}) and the batch's target ({_describe(y)}): {error}. Pass `metric=` that fits."
             ) from error
 
-    def _metric_for(self, output: torch.Tensor) -> torchmetrics.Metric:
-        metric = self.metric.clone() if self.metric is not None else measure.default_metric(output)
-        # Only rank zero evaluates: a metric that synced across processes would wait for the others forever.
-        # torchmetrics reads `_to_sync` (set from the `sync_on_compute` constructor argument) in `compute`.
-        metric.sync_on_compute = False
-        metric._to_sync = False
-        metric.dist_sync_on_step = False
-        return metric.to("cpu")
-
     def _batches(self, trainer: pl.Trainer) -> Iterator[Any]:
         """CPU batches of the evaluation data; the trainer's val data comes without a distributed sampler."""
-        loaders = self.dataloader if self.dataloader is not None else _raw_val_dataloaders(trainer)
-        if not isinstance(loaders, (list, tuple)):
-            loaders = [loaders]
+        source = self.dataloader if self.dataloader is not None else compat.raw_val_dataloaders(trainer)
+        is_loaders = isinstance(source, (list, tuple)) and source and all(isinstance(s, DataLoader) for s in source)
+        loaders = source if is_loaders else [source]
         empty = True
         for loader in loaders:
             for batch in loader:
@@ -191,68 +329,105 @@ class DynamicQuantization(Callback):
         if empty:
             raise ValueError("DynamicQuantization: the evaluation data is empty")
 
-    # ------------------------------------------------------------------ after training
-    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.is_global_zero:
-            return
-        try:
-            self._quantize_and_measure(trainer, pl_module)
-        except Exception as error:
-            raise QuantizationError(
-                f"DynamicQuantization failed after training ({type(error).__name__}: {error}). The trained float "
-                "model and its checkpoints are intact."
-            ) from error
+    def _example_input(self, pl_module: pl.LightningModule, cast_from: torch.dtype | None) -> ModelInput | None:
+        example = getattr(pl_module, "example_input_array", None)
+        if example is None:
+            return None
+        return ModelInput.from_example(example).to("cpu", torch.float32 if cast_from is not None else None)
 
-    def _quantize_and_measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        float_model = copy.deepcopy(pl_module).cpu().eval()  # the LightningModule itself is never modified
+    def _headline(self, trainer: pl.Trainer, before: dict[str, float]) -> str | None:
+        if self.monitor is not None and before and self.monitor not in before:
+            raise ValueError(
+                f"`monitor={self.monitor!r}` is not among the metrics the module's validation logs: {sorted(before)}"
+            )
+        if self.monitor is not None:
+            return self.monitor
+        candidates = [report.monitored_metric_name(trainer)]
+        candidates += [k for k in before if "acc" in k]
+        return next((c for c in candidates if c in before), None)
+
+    def _rehearse_artifact(self, quantized: nn.Module, example: ModelInput | None) -> None:
+        if self.save_path is not None:
+            folder = os.path.dirname(os.path.abspath(self.save_path))
+            try:
+                os.makedirs(folder, exist_ok=True)
+                with tempfile.NamedTemporaryFile(dir=folder):
+                    pass
+            except OSError as error:
+                raise ValueError(f"`save_path={self.save_path!r}`: its folder cannot be written ({error})") from error
+        if example is None or self.save_path is None:
+            return
+        with tempfile.TemporaryDirectory() as scratch:
+            path = os.path.join(scratch, "rehearsal")
+            if self.compress:
+                save_compressed(quantized, example, path, dtype=self.dtype)
+            else:
+                save_quantized(quantized, example, path, dtype=self.dtype)
+
+    def _writes_artifact(self, trainer: pl.Trainer) -> bool:
+        # As Lightning's own checkpointing: nothing is written by a fast_dev_run or while sanity checking.
+        return self.save_path is not None and not trainer.fast_dev_run and not trainer.sanity_checking
+
+    def _save(self, trainer: pl.Trainer, quantized: nn.Module, example: ModelInput) -> int | None:
+        if not self._writes_artifact(trainer):
+            rank_zero_info(f"DynamicQuantization: fast_dev_run, so no artifact is written to {self.save_path}")
+            return None
+        if self.compress:
+            return save_compressed(quantized, example, self.save_path, dtype=self.dtype)
+        save_quantized(quantized, example, self.save_path, dtype=self.dtype)
+        return None
+
+    def _results(self, comparison: pipeline.Comparison, headline: str | None) -> dict[str, float]:
         results: dict[str, float] = {}
-        inputs = []
-        if self.evaluate or self.save_path is not None or self.sparse_kernels == "auto":
-            inputs = [measure.split_batch(b)[0] for b in itertools.islice(self._batches(trainer), LATENCY_BATCHES)]
-        dtype = DTYPES[self.dtype]
-        if self.sparse_kernels == "auto" and nn.Linear in self._module_types:
-            self.kernel_choices = choose_linear_kernels(float_model, inputs[0], dtype)
-            quantized = build_with_kernels(float_model, self.kernel_choices, dtype, self._module_types)
-            for name, choice in self.kernel_choices.items():
-                results[report.KERNEL_SPEEDUP_PREFIX + name] = choice.speedup
-        else:
-            quantized = quantize_dynamic_copy(float_model, dtype, self._module_types)
-        if self.evaluate:
-            metric = self._metric_for(_first_output(float_model, inputs[0]))
-            results[report.ACCURACY_BEFORE] = measure.evaluate(float_model, self._batches(trainer), metric)
-            results[report.ACCURACY_AFTER] = measure.evaluate(quantized, self._batches(trainer), metric)
-            results[report.LATENCY_BEFORE] = measure.latency_ms(float_model, inputs)
-            results[report.LATENCY_AFTER] = measure.latency_ms(quantized, inputs)
-        results[report.SIZE_BEFORE] = measure.serialized_size_bytes(float_model) / 1e6
-        results[report.SIZE_AFTER] = measure.serialized_size_bytes(quantized) / 1e6
+        for name, value in comparison.metrics_before.items():
+            results[f"quantization/{name}_before"] = value
+        for name, value in comparison.metrics_after.items():
+            results[f"quantization/{name}_after"] = value
+        if headline is not None:
+            results[report.ACCURACY_BEFORE] = comparison.metrics_before[headline]
+            results[report.ACCURACY_AFTER] = comparison.metrics_after[headline]
+        results[report.SIZE_BEFORE] = comparison.size_mb_before
+        results[report.SIZE_AFTER] = comparison.size_mb_after
+        results[report.QUANTIZATION_COVERAGE] = comparison.coverage
+        if comparison.latency_before is not None:
+            results[report.LATENCY_BEFORE] = comparison.latency_before.median_ms
+            results[report.LATENCY_AFTER] = comparison.latency_after.median_ms
+        for name, choice in self.kernel_choices.items():
+            results[report.KERNEL_SPEEDUP_PREFIX + name] = choice.speedup
+        return results
+
+    def _sparsity(self, trainer: pl.Trainer, float_model: nn.Module, quantized: nn.Module) -> dict[str, float]:
         float_weights = dict(float_model.named_parameters())
         quantized_weights = measure.quantized_weights(quantized)
         pruned = [n for n in _pruned_parameter_names(trainer) if n in float_weights and n in quantized_weights]
         float_overall, float_layers = measure.sparsity_by_name({n: float_weights[n] for n in pruned})
         quantized_overall, quantized_layers = measure.sparsity_by_name({n: quantized_weights[n] for n in pruned})
         self.layer_sparsity = {n: (float_layers[n], quantized_layers[n]) for n in pruned}
-        if pruned:
-            results[report.SPARSITY] = float_overall
-            results[report.SPARSITY_AFTER] = quantized_overall
-        if self.save_path is not None:
-            if self.compress:
-                size = save_compressed(quantized, inputs[0], self.save_path, dtype=self.dtype)
-                results[report.SIZE_COMPRESSED] = size / 1e6
-            else:
-                save_quantized(quantized, inputs[0], self.save_path, dtype=self.dtype)
-        self.quantized_model = quantized
-        self.results = results
-        report.log_to_loggers(trainer, results)
-        rank_zero_info(
-            report.summary_table(
-                results, self.dtype, self.layer_sparsity, self.baseline_accuracy, self.save_path, self.kernel_choices
+        return {report.SPARSITY: float_overall, report.SPARSITY_AFTER: quantized_overall} if pruned else {}
+
+    def _warn_about_regressions(self, comparison: pipeline.Comparison) -> None:
+        speedup = comparison.speedup
+        if speedup is not None and speedup < 1:
+            rank_zero_warn(
+                f"DynamicQuantization: the quantized model is slower than the float one on this machine "
+                f"({comparison.latency_after.median_ms:.3f} against {comparison.latency_before.median_ms:.3f} ms per "
+                f"batch, {speedup:.2f}x); {comparison.coverage:.1%} of its parameters are in quantized layers."
             )
-        )
+        if comparison.size_mb_after > comparison.size_mb_before:
+            rank_zero_warn(
+                f"DynamicQuantization: the quantized model is larger than the float one ({comparison.size_mb_after:.3f}"
+                f" against {comparison.size_mb_before:.3f} MB): its quantized layers are too small for the packed "
+                "format's overhead to pay off."
+            )
 
 
-def _first_output(model: nn.Module, x: Any) -> torch.Tensor:
-    with torch.inference_mode():
-        return model(x)
+@contextlib.contextmanager
+def _timed(stages: dict[str, float], stage: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        stages[stage] = stages.get(stage, 0.0) + time.perf_counter() - start
 
 
 def _pruned_parameter_names(trainer: pl.Trainer) -> list[str]:
@@ -261,16 +436,6 @@ def _pruned_parameter_names(trainer: pl.Trainer) -> list[str]:
     for callback in trainer.callbacks:
         names.extend(getattr(callback, "parameter_names", []))
     return names
-
-
-def _has_val_data(trainer: pl.Trainer) -> bool:
-    source = trainer.fit_loop.epoch_loop.val_loop._data_source
-    return source.is_defined() and trainer.limit_val_batches != 0
-
-
-def _raw_val_dataloaders(trainer: pl.Trainer) -> Any:
-    # The user's own dataloader(s), before Lightning injects a DistributedSampler: rank zero evaluates them all.
-    return trainer.fit_loop.epoch_loop.val_loop._data_source.dataloader()
 
 
 def _names(types: Iterable[type]) -> str:

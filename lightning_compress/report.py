@@ -39,6 +39,7 @@ LATENCY_AFTER = "quantization/latency_ms_after"
 SPARSITY_AFTER = "quantization/sparsity_after"
 SIZE_COMPRESSED = "quantization/size_mb_compressed"
 KERNEL_SPEEDUP_PREFIX = "quantization/kernel_speedup/"
+QUANTIZATION_COVERAGE = "quantization/coverage"
 
 
 def summary_table(
@@ -48,46 +49,92 @@ def summary_table(
     baseline_accuracy: float | None = None,
     save_path: str | None = None,
     kernel_choices: Mapping[str, Any] | None = None,
+    headline: str | None = None,
+    comparison: Any = None,
+    stage_seconds: Mapping[str, float] | None = None,
 ) -> str:
-    """The end-of-fit summary: sparsity per layer and overall, accuracy, size and latency, float vs quantized.
+    """The end-of-fit summary: sparsity per layer and overall, the metrics (the headline one first), size and
+    latency, float vs quantized, with coverage, notes and how long each stage took.
 
-    Every figure comes from ``results`` and ``layer_sparsity`` (``name -> (float, quantized)`` fractions of
-    zeros), which ``DynamicQuantization`` measured in this run; ``baseline_accuracy`` is shown as given.
+    Every figure comes from ``results``, ``layer_sparsity`` (``name -> (float, quantized)`` fractions of zeros),
+    ``comparison`` (a :class:`lightning_compress.pipeline.Comparison`) and ``stage_seconds``, which
+    ``DynamicQuantization`` measured in this run; ``baseline_accuracy`` is shown as given.
     """
-    width = max([len("size compressed (MB)"), *(len(n) + 2 for n in layer_sparsity or {})])
+    pruned = SPARSITY in results
+    metrics = _metric_names(results)
+    if headline is None and ACCURACY_BEFORE in results:
+        headline = "accuracy"
+    if headline in metrics:
+        metrics.remove(headline)
+    labels = [f"{headline}, pruned" if pruned else headline] if headline else []
+    labels += [*metrics, "size compressed (MB)", *(f"  {n}" for n in layer_sparsity or {})]
+    width = max(len(label) for label in labels)
     lines = [f"lightning_compress summary ({dtype}, every figure measured in this run):"]
     lines.append(f"  {'':{width}s} {'float':>12s} {dtype:>12s} {'ratio':>8s}")
 
-    def row(label: str, before: float | None, after: float | None, fmt: str, ratio: bool = False) -> None:
+    def row(label: str, before: float | None, after: float | None, fmt: str, ratio: bool = False, extra="") -> None:
         cells = [fmt.format(v) if v is not None else "" for v in (before, after)]
         shown = f"{before / after:.2f}x" if ratio and before is not None and after else ""
-        lines.append(f"  {label:{width}s} {cells[0]:>12s} {cells[1]:>12s} {shown:>8s}")
+        lines.append(f"  {label:{width}s} {cells[0]:>12s} {cells[1]:>12s} {shown:>8s}{extra}")
 
     for name, (before, after) in (layer_sparsity or {}).items():
         row(f"  {name}", before, after, "{:.2%}")
-    if SPARSITY in results:
+    if pruned:
         row("sparsity (overall)", results[SPARSITY], results.get(SPARSITY_AFTER), "{:.2%}")
     if baseline_accuracy is not None:
         row("accuracy, dense", baseline_accuracy, None, "{:.4f}")
-    if ACCURACY_BEFORE in results:
-        label = "accuracy, pruned" if SPARSITY in results else "accuracy"
-        row(label, results[ACCURACY_BEFORE], results[ACCURACY_AFTER], "{:.4f}")
+    if headline:
+        row(labels[0], results[ACCURACY_BEFORE], results[ACCURACY_AFTER], "{:.4f}")
+    for name in metrics:
+        row(name, results[f"quantization/{name}_before"], results.get(f"quantization/{name}_after"), "{:.4f}")
     row("size (MB)", results[SIZE_BEFORE], results[SIZE_AFTER], "{:.3f}", ratio=True)
     if SIZE_COMPRESSED in results:
         row("size compressed (MB)", results[SIZE_BEFORE], results[SIZE_COMPRESSED], "{:.3f}", ratio=True)
     if LATENCY_BEFORE in results:
-        row("latency (ms/batch)", results[LATENCY_BEFORE], results[LATENCY_AFTER], "{:.3f}", ratio=True)
+        spread = ""
+        if comparison is not None and comparison.latency_before is not None:
+            b, a = comparison.latency_before, comparison.latency_after
+            spread = f"  rounds: {b.low_ms:.3f}-{b.high_ms:.3f} / {a.low_ms:.3f}-{a.high_ms:.3f} ms, interleaved"
+        row("latency (ms/batch)", results[LATENCY_BEFORE], results[LATENCY_AFTER], "{:.3f}", ratio=True, extra=spread)
+    if QUANTIZATION_COVERAGE in results:
+        lines.append(
+            f"  coverage: {results[QUANTIZATION_COVERAGE]:.1%} of the model's parameters are in quantized layers"
+        )
     if baseline_accuracy is not None:
         lines.append("  accuracy, dense: the same model trained without pruning, as measured by the caller")
+    if comparison is not None and comparison.cast_from is not None:
+        lines.append(
+            f"  note: the model's weights are {str(comparison.cast_from).removeprefix('torch.')}; 'float' is a float32 "
+            "copy of it, which was quantized"
+        )
+    if LATENCY_BEFORE in results and results[LATENCY_AFTER] > results[LATENCY_BEFORE]:
+        lines.append(
+            f"  note: the quantized model is SLOWER here ({results[LATENCY_BEFORE] / results[LATENCY_AFTER]:.2f}x)"
+        )
+    if results[SIZE_AFTER] > results[SIZE_BEFORE]:
+        lines.append("  note: the quantized model is LARGER (packed-weight overhead on small layers)")
     for name, choice in (kernel_choices or {}).items():
         times = ", ".join(f"{kind} {ms:.3f}" for kind, ms in choice.times_ms.items())
+        close = "; too close to call, kept the default" if getattr(choice, "too_close_to_call", False) else ""
         lines.append(
             f"  kernel {name} ({choice.sparsity:.0%} zeros): {choice.chosen}, {choice.speedup:.2f}x fp32 dense "
-            f"[ms: {times}]"
+            f"[ms: {times}]{close}"
         )
+    if stage_seconds:
+        lines.append("  time: " + ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in stage_seconds.items()))
     if save_path:
         lines.append(f"  artifact: {save_path}")
     return "\n".join(lines)
+
+
+def _metric_names(results: Mapping[str, float]) -> list[str]:
+    """Names ``m`` of the ``quantization/<m>_before`` metrics that are not one of the fixed keys."""
+    fixed = {ACCURACY_BEFORE, SIZE_BEFORE, LATENCY_BEFORE}
+    return [
+        key.removeprefix("quantization/").removesuffix("_before")
+        for key in results
+        if key.startswith("quantization/") and key.endswith("_before") and key not in fixed
+    ]
 
 
 def monitored_metric_name(trainer: pl.Trainer) -> str | None:

@@ -20,7 +20,7 @@ def _run(tmp_path, *args):
 def test_demo_prints_the_summary_and_writes_the_plot(tmp_path):
     out = _run(tmp_path, EXAMPLES / "digits_mlp.py", "--epochs", "4", "--root", tmp_path / "runs")
     assert "lightning_compress summary (qint8" in out
-    for row in ("net.0.weight", "sparsity (overall)", "accuracy, dense", "accuracy, pruned", "size (MB)", "latency"):
+    for row in ("net.0.weight", "sparsity (overall)", "accuracy, dense", "val_acc, pruned", "size (MB)", "latency"):
         assert row in out
     log_dir = tmp_path / "runs" / "digits_mlp" / "version_0"
     assert (log_dir / "sparsity.png").stat().st_size > 10_000

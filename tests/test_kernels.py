@@ -48,7 +48,7 @@ def test_built_model_runs_each_chosen_path_exactly():
         "2": KernelChoice(QUANTIZED_DENSE, {FLOAT_DENSE: 1.0, QUANTIZED_DENSE: 0.5}, 0.9),
         "4": KernelChoice(FLOAT_DENSE, {FLOAT_DENSE: 1.0}, 0.9),
     }
-    built = build_with_kernels(model, forced, torch.qint8, {nn.Linear})
+    built = build_with_kernels(model, forced, torch.qint8)
     assert type(built[0]) is SparseLinear
     assert type(built[2]) is torch.ao.nn.quantized.dynamic.Linear
     assert type(built[4]) is nn.Linear and built[4] is not model[4]
@@ -67,8 +67,8 @@ def test_auto_end_to_end_logs_choices_and_saves_a_loadable_artifact(
 ):
     import lightning_compress.quantization as quantization
 
-    def choose_with_csr_first(model, example, dtype):
-        choices = choose_linear_kernels(model, example, dtype)
+    def choose_with_csr_first(model, example, dtype, names):
+        choices = choose_linear_kernels(model, example, dtype, names)
         first = next(iter(choices))
         choices[first].chosen = SPARSE_CSR  # make sure the CSR path reaches the artifact, whatever the timings
         return choices

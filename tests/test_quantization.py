@@ -161,7 +161,11 @@ def test_evaluate_false_needs_no_validation_data(quiet_trainer_kwargs):
     pl.seed_everything(0, verbose=False)
     trainer = pl.Trainer(max_epochs=1, callbacks=[quant], **quiet_trainer_kwargs)
     trainer.fit(DigitsMLP(hidden=32), train_dataloaders=dm.train_dataloader())
-    assert set(quant.results) == {"quantization/size_mb_before", "quantization/size_mb_after"}
+    assert set(quant.results) == {
+        "quantization/size_mb_before",
+        "quantization/size_mb_after",
+        "quantization/coverage",
+    }
 
 
 def test_custom_dataloader_and_metric(quiet_trainer_kwargs):
@@ -203,7 +207,7 @@ def test_no_torch_internal_warnings_leak_but_user_warnings_do(quiet_trainer_kwar
         (dict(dtype=torch.quint8), "`dtype`"),
         (dict(modules={nn.Conv2d}), "Conv2d, which dynamic quantization cannot quantize.*Linear, LSTM.*activations"),
         (dict(modules={nn.ReLU, nn.Linear}), "ReLU"),
-        (dict(modules=set()), "empty set"),
+        (dict(modules=set()), "empty list"),
         (dict(metric="accuracy"), "`metric` must be a torchmetrics.Metric"),
     ],
 )
@@ -235,7 +239,7 @@ def test_model_without_quantizable_modules_fails_before_training(quiet_trainer_k
         [DynamicQuantization()],
         ConvNet(),
         quiet_trainer_kwargs,
-        "no Linear, LSTM, GRU, LSTMCell, GRUCell, RNNCell module.*holds.*Conv2d",
+        "before training.*would quantize nothing.*covers Linear, LSTM, GRU, LSTMCell, GRUCell, RNNCell.*holds Conv2d",
         datamodule=DigitsDataModule(),
     )
 
@@ -278,7 +282,7 @@ def test_failure_at_fit_end_keeps_model_and_checkpoints(quiet_trainer_kwargs, tm
     def broken(*args, **kwargs):
         raise RuntimeError("backend exploded")
 
-    monkeypatch.setattr("lightning_compress.quantization.quantize_dynamic_copy", broken)
+    monkeypatch.setattr("lightning_compress.pipeline.compare", broken)  # only the end-of-fit run compares
     snapshot = SnapshotAtTrainEnd()
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     model = DigitsMLP(hidden=16)

@@ -1,0 +1,75 @@
+"""Evaluating a LightningModule with its own validation: ``validation_step`` and what it logs, through Lightning.
+
+A quiet inner ``Trainer(...).validate`` on the CPU runs the module's own code on its own batches (dicts, several
+inputs, ``ModelOutput``s: whatever the module handles), so nothing about the user's model has to be rewritten and
+no evaluation loop of ours has to guess the batch layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import lightning.pytorch as pl
+import torchmetrics
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.utilities.model_helpers import is_overridden
+
+from lightning_compress import compat
+
+
+def has_validation_step(module: pl.LightningModule) -> bool:
+    return isinstance(module, pl.LightningModule) and is_overridden("validation_step", module, pl.LightningModule)
+
+
+def validate(
+    module: pl.LightningModule, dataloaders: Any, limit_batches: int | float = 1.0, progress: bool = False
+) -> dict[str, float]:
+    """Every metric ``module`` logs in its validation, over ``dataloaders`` (or the first ``limit_batches``).
+
+    Runs on the CPU, in a Trainer of its own with no logger, checkpoint or callback of the user's: nothing is
+    written anywhere. Metrics of several dataloaders keep Lightning's ``/dataloader_idx_N`` suffixes. The module's
+    torchmetrics never sync across processes (only one process evaluates after a distributed fit).
+    """
+    for metric in module.modules():
+        if isinstance(metric, torchmetrics.Metric):
+            compat.never_sync(metric)
+    compat.forget_metric_attributes(module)
+    with quiet_lightning():
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=1,
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            enable_progress_bar=progress,
+            limit_val_batches=limit_batches,
+            # TQDM, not Rich: a Rich bar here would share the outer Trainer's global console and break its teardown.
+            callbacks=[TQDMProgressBar()] if progress else [],
+        )
+        results = trainer.validate(module, dataloaders=dataloaders, verbose=False)
+    merged: dict[str, float] = {}
+    for per_dataloader in results:
+        merged.update({name: float(value) for name, value in per_dataloader.items()})
+    return merged
+
+
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Silence Lightning's start-up lines (devices, tips) and its data-loading advice for an inner Trainer."""
+    logger = logging.getLogger("lightning.pytorch")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*does not have many workers.*")
+            warnings.filterwarnings("ignore", ".*GPU available but not used.*")
+            warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
+            # Lightning 2.6's own use of torch's pytree under torch 2.13; nothing the user can act on
+            warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+            yield
+    finally:
+        logger.setLevel(level)

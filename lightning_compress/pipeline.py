@@ -1,0 +1,198 @@
+"""Post-training dynamic quantization as plain functions, usable without a Trainer:
+
+* :func:`float_copy`: a CPU float32 copy of any model (compiled, bf16/fp16/fp64 ones included);
+* :func:`select_modules`: which layers to quantize, by type and/or glob over module names;
+* :func:`quantize`: the quantized copy (the backend seam is :mod:`lightning_compress.backends`);
+* :func:`compare`: size, interleaved latency and coverage of the float and the quantized model, with the metrics
+  measured on them, as a :class:`Comparison`.
+
+``DynamicQuantization`` only decides when, on which rank and with which data to call these, and logs the result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import statistics
+import time
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from lightning_compress import compat, measure
+from lightning_compress.backends import SUPPORTED_MODULES, quantize_dynamic_copy
+from lightning_compress.inputs import ModelInput
+
+
+def float_copy(model: nn.Module) -> tuple[nn.Module, torch.dtype | None]:
+    """A float32 copy of ``model`` on the CPU in eval mode, without ``torch.compile`` wrappers.
+
+    Returns the copy and the floating dtype the model's weights had when it was not float32 (``None`` otherwise):
+    dynamic quantization starts from float32 weights. The model itself is left as it is.
+    """
+    copied = compat.uncompiled_copy(model).cpu().eval()
+    dtypes = {p.dtype for p in copied.parameters() if p.is_floating_point()} - {torch.float32}
+    cast_from = sorted(dtypes, key=str)[0] if dtypes else None
+    if cast_from is not None:
+        copied.float()
+    return copied, cast_from
+
+
+def quantizable_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Named layers that dynamic quantization can replace (exact types, as the backend matches them)."""
+    return {name: m for name, m in model.named_modules() if name and type(m) in SUPPORTED_MODULES}
+
+
+def select_modules(
+    model: nn.Module, modules: Iterable[type[nn.Module] | str] | None = None, exclude: Sequence[str] = ()
+) -> list[str]:
+    """Names of the layers to quantize.
+
+    Args:
+        model: the float model.
+        modules: ``None`` for every supported layer; else layer types (e.g. ``torch.nn.Linear``) and/or glob
+            patterns over module names (e.g. ``"encoder.*"``); a layer is chosen when it matches any of them.
+        exclude: glob patterns over module names to leave in float.
+
+    Raises:
+        ValueError: a pattern matches no quantizable layer, or nothing is left to quantize. The message lists the
+            quantizable layers.
+    """
+    candidates = quantizable_modules(model)
+    if modules is None:
+        chosen = list(candidates)
+    else:
+        modules = list(modules)
+        types = tuple(t for t in modules if isinstance(t, type))
+        patterns = [p for p in modules if isinstance(p, str)]
+        for pattern in patterns:
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in candidates):
+                raise ValueError(
+                    f"`modules` pattern {pattern!r} matches no layer that dynamic quantization can replace. "
+                    f"Quantizable layers: {_listing(candidates)}"
+                )
+        chosen = [
+            name
+            for name, m in candidates.items()
+            if isinstance(m, types) or any(fnmatch.fnmatchcase(name, p) for p in patterns)
+        ]
+    for pattern in exclude:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in chosen):
+            raise ValueError(f"`exclude` pattern {pattern!r} matches none of the layers to quantize: {chosen}")
+    chosen = [name for name in chosen if not any(fnmatch.fnmatchcase(name, p) for p in exclude)]
+    if not chosen:
+        held = sorted({type(m).__name__ for m in model.modules() if not list(m.children())})
+        raise ValueError(
+            "DynamicQuantization would quantize nothing: no layer of the model is selected. Dynamic quantization "
+            f"covers {', '.join(t.__name__ for t in SUPPORTED_MODULES)} (activations are quantized on the fly inside "
+            f"these layers); the model holds {', '.join(held) or 'no layers'}. Quantizable layers: "
+            f"{_listing(candidates)}"
+        )
+    return chosen
+
+
+def quantize(model: nn.Module, dtype: torch.dtype, names: Iterable[str]) -> nn.Module:
+    """A dynamically quantized copy of the CPU float ``model`` with the named layers quantized.
+
+    ``nn.TransformerEncoderLayer``'s fused fast path reads float weights, which quantized layers no longer have:
+    it is turned off on the copy (only there), so those layers run their ordinary, quantized, path.
+    """
+    quantized = quantize_dynamic_copy(model, dtype, set(names))
+    compat.disable_transformer_fast_path(quantized)
+    return quantized
+
+
+def coverage(model: nn.Module, names: Iterable[str]) -> float:
+    """The fraction of the model's parameter entries held by the named (quantized) layers."""
+    layers = dict(model.named_modules())
+    total = sum(p.numel() for p in model.parameters())
+    quantized = {id(p): p.numel() for name in names for p in layers[name].parameters()}
+    return sum(quantized.values()) / total if total else float("nan")
+
+
+@dataclasses.dataclass
+class Latency:
+    """Per-batch wall time of one model: the median and the range of the per-round medians, in milliseconds."""
+
+    median_ms: float
+    low_ms: float
+    high_ms: float
+
+
+@dataclasses.dataclass
+class Comparison:
+    """What quantization did to a model, every figure measured on it."""
+
+    metrics_before: dict[str, float]
+    metrics_after: dict[str, float]
+    size_mb_before: float
+    size_mb_after: float
+    coverage: float
+    latency_before: Latency | None = None
+    latency_after: Latency | None = None
+    cast_from: torch.dtype | None = None
+
+    @property
+    def speedup(self) -> float | None:
+        if self.latency_before is None or self.latency_after is None:
+            return None
+        return self.latency_before.median_ms / self.latency_after.median_ms
+
+
+def compare(
+    float_model: nn.Module,
+    quantized: nn.Module,
+    names: Iterable[str],
+    inputs: Sequence[ModelInput] = (),
+    metrics_before: dict[str, float] | None = None,
+    metrics_after: dict[str, float] | None = None,
+    rounds: int = 5,
+) -> Comparison:
+    """Package what was measured: the metrics (evaluated by the caller, e.g. with
+    :func:`lightning_compress.evaluation.validate`), the serialized sizes, the coverage of the quantized layers
+    and, when ``inputs`` are given, both models' latency timed interleaved (see :func:`interleaved_latency`)."""
+    comparison = Comparison(
+        dict(metrics_before or {}),
+        dict(metrics_after or {}),
+        measure.serialized_size_bytes(float_model) / 1e6,
+        measure.serialized_size_bytes(quantized) / 1e6,
+        coverage(float_model, names),
+    )
+    if inputs:
+        comparison.latency_before, comparison.latency_after = interleaved_latency(
+            [float_model, quantized], inputs, rounds
+        )
+    return comparison
+
+
+@torch.inference_mode()
+def interleaved_latency(models: Sequence[nn.Module], inputs: Sequence[ModelInput], rounds: int = 5) -> list[Latency]:
+    """Per-batch latency of each model on the same ``inputs``, timed in alternating order round after round.
+
+    Each round runs every model over every input once (after one warm-up pass), the order of the models reversed
+    every other round, so a machine that slows down or speeds up during the measurement affects all of them alike.
+    Reported per model: the median over rounds of the round's median per-batch time, and the lowest and highest
+    round medians (the spread).
+    """
+    for model in models:
+        model.eval()
+        for example in inputs[:3]:
+            example(model)
+    per_round: list[list[float]] = [[] for _ in models]
+    for r in range(rounds):
+        order = range(len(models)) if r % 2 == 0 else reversed(range(len(models)))
+        for i in order:
+            times = []
+            for example in inputs:
+                start = time.perf_counter()
+                example(models[i])
+                times.append(time.perf_counter() - start)
+            per_round[i].append(statistics.median(times) * 1e3)
+    return [Latency(statistics.median(r), min(r), max(r)) for r in per_round]
+
+
+def _listing(named: dict[str, nn.Module], limit: int = 30) -> str:
+    names = [f"{n} ({type(m).__name__})" for n, m in named.items()]
+    more = f" ... and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more if names else "none"
