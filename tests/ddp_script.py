@@ -1,4 +1,6 @@
-"""Run by tests/test_ddp.py as `python ddp_script.py OUT_DIR METHOD [quantize]`: 2 CPU processes, strategy="ddp".
+"""Run by tests/test_ddp.py as `python ddp_script.py OUT_DIR METHOD [quantize [MONITOR]]`, strategy="ddp".
+
+Two CPU processes.
 
 Lightning's launcher starts rank 1 by running this same command again. Each rank writes what it ended with to
 OUT_DIR/rank<k>.pt, for the test to compare.
@@ -16,7 +18,7 @@ from digits import DigitsDataModule, DigitsMLP  # noqa: E402
 from lightning_compress import MagnitudePruning  # noqa: E402
 
 
-def main(out_dir: Path, method: str, quantize: bool) -> None:
+def main(out_dir: Path, method: str, quantize: bool, monitor: str | None = None) -> None:
     pl.seed_everything(0, verbose=False)
     pruning = MagnitudePruning(amount=0.7, method=method, make_permanent=False)
     callbacks = [pruning]
@@ -24,7 +26,7 @@ def main(out_dir: Path, method: str, quantize: bool) -> None:
     if quantize:
         from lightning_compress import DynamicQuantization
 
-        quant = DynamicQuantization()
+        quant = DynamicQuantization(monitor=monitor)
         callbacks.append(quant)
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -51,4 +53,4 @@ def main(out_dir: Path, method: str, quantize: bool) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2], len(sys.argv) > 3 and sys.argv[3] == "quantize")
+    main(Path(sys.argv[1]), sys.argv[2], len(sys.argv) > 3, sys.argv[4] if len(sys.argv) > 4 else None)

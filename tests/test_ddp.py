@@ -45,3 +45,15 @@ def test_quantization_runs_once_on_rank_zero(tmp_path):
     assert float(rows[0]["quantization/accuracy_before"]) * 359 == pytest.approx(
         round(float(rows[0]["quantization/accuracy_before"]) * 359), abs=1e-3
     )
+
+
+def test_a_rehearsal_failure_on_rank_zero_stops_every_rank_before_training(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path), "l1_unstructured", "quantize", "val_accuracy"],
+        capture_output=True,
+        text=True,
+        timeout=120,  # a rank left waiting for the other would hang here instead of failing
+    )
+    assert result.returncode != 0
+    assert "`monitor='val_accuracy'` is not among the metrics" in result.stderr
+    assert not list(tmp_path.glob("rank*.pt"))

@@ -1,0 +1,151 @@
+"""The plain functions under DynamicQuantization: inputs and outputs, layer choice, coverage, interleaved timing,
+kernel choice, and the summary's honesty about slowdowns, size increases and dtype casts."""
+
+import dataclasses
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_compress import pipeline
+from lightning_compress.inputs import ModelInput, capture_inputs, forward_adapter, plain_outputs
+from lightning_compress.kernels import FLOAT_DENSE, QUANTIZED_DENSE, SPARSE_CSR, choose_kernel
+from lightning_compress.quantization import DynamicQuantization
+from lightning_compress.report import summary_table
+
+
+class Blocks(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8))
+        self.rnn = nn.GRU(8, 8)
+        self.attn = nn.MultiheadAttention(8, 2)
+        self.head = nn.Linear(8, 2)
+
+
+def test_select_modules_by_type_glob_and_exclude():
+    model = Blocks()
+    assert pipeline.select_modules(model) == ["encoder.0", "encoder.2", "rnn", "head"]  # out_proj is not replaceable
+    assert pipeline.select_modules(model, ["encoder.*"]) == ["encoder.0", "encoder.2"]
+    assert pipeline.select_modules(model, [nn.GRU, "head"]) == ["rnn", "head"]
+    assert pipeline.select_modules(model, exclude=["encoder.*"]) == ["rnn", "head"]
+    with pytest.raises(ValueError, match=r"`modules` pattern 'decoder\.\*' matches no layer.*encoder\.0 \(Linear\)"):
+        pipeline.select_modules(model, ["decoder.*"])
+    with pytest.raises(ValueError, match="`exclude` pattern 'tail'"):
+        pipeline.select_modules(model, exclude=["tail"])
+    with pytest.raises(ValueError, match="would quantize nothing"):
+        pipeline.select_modules(model, ["head"], exclude=["head"])
+
+
+def test_coverage_counts_the_parameters_of_the_quantized_layers():
+    model = Blocks()
+    total = sum(p.numel() for p in model.parameters())
+    head = sum(p.numel() for p in model.head.parameters())
+    assert pipeline.coverage(model, ["head"]) == head / total
+
+
+def test_float_copy_casts_to_float32_and_reports_the_original_dtype():
+    model = nn.Sequential(nn.Linear(3, 3)).to(torch.bfloat16)
+    copied, cast_from = pipeline.float_copy(model)
+    assert cast_from == torch.bfloat16 and copied[0].weight.dtype == torch.float32
+    assert model[0].weight.dtype == torch.bfloat16
+    assert pipeline.float_copy(nn.Linear(2, 2))[1] is None
+
+
+def test_interleaved_latency_alternates_the_order_of_the_models():
+    calls = []
+
+    class Recorder(nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def forward(self, x):
+            calls.append(self.name)
+            return x
+
+    a, b = Recorder("a"), Recorder("b")
+    results = pipeline.interleaved_latency([a, b], [ModelInput.from_example(torch.zeros(1))], rounds=4)
+    timed = calls[2:]  # after one warm-up call each
+    assert timed == ["a", "b", "b", "a", "a", "b", "b", "a"]
+    assert all(r.low_ms <= r.median_ms <= r.high_ms for r in results)
+
+
+def test_kernel_choice_needs_a_clear_win_in_every_round():
+    clear = {QUANTIZED_DENSE: [1.0, 1.1, 1.05], FLOAT_DENSE: [2.0, 2.1, 2.0], SPARSE_CSR: [0.5, 0.55, 0.6]}
+    assert choose_kernel(clear) == (SPARSE_CSR, False)
+    # faster at the median, but one round overlaps quantized dense: keep the default, say it was close
+    close = {QUANTIZED_DENSE: [1.0, 1.1, 1.05], FLOAT_DENSE: [2.0, 2.1, 2.0], SPARSE_CSR: [0.8, 0.85, 1.2]}
+    assert choose_kernel(close) == (QUANTIZED_DENSE, True)
+    slower = {QUANTIZED_DENSE: [1.0, 1.0, 1.0], FLOAT_DENSE: [2.0, 2.0, 2.0]}
+    assert choose_kernel(slower) == (QUANTIZED_DENSE, False)
+
+
+@dataclasses.dataclass
+class Output:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+
+
+def test_plain_outputs_of_dataclasses_mappings_and_sequences():
+    t = torch.ones(2)
+    assert plain_outputs(Output(t)) == {"logits": t}
+    nested = plain_outputs({"a": (t, [t]), "b": None})
+    assert list(nested) == ["a"] and isinstance(nested["a"], tuple) and isinstance(nested["a"][1], list)
+
+
+def test_forward_adapter_names_positional_and_keyword_inputs():
+    class Mixed(nn.Module):
+        def forward(self, x, scale=None, *, shift):
+            return Output(x * scale + shift)
+
+    example = ModelInput((torch.ones(2),), {"scale": torch.full((2,), 2.0), "shift": torch.ones(2)})
+    adapter, trace_inputs = forward_adapter(Mixed(), example)
+    assert list(trace_inputs) == ["input_0", "scale", "shift"]
+    traced = torch.jit.trace(adapter, example_kwarg_inputs=trace_inputs, strict=False)
+    assert torch.equal(traced(*example.args, **example.kwargs)["logits"], torch.full((2,), 3.0))
+
+
+def test_captured_inputs_are_ordinary_cpu_tensors_even_from_inference_mode():
+    model = nn.Linear(2, 2)
+
+    def run():
+        with torch.inference_mode():
+            return model(torch.ones(3, 2))
+
+    captured, _ = capture_inputs(model, run, limit=5)
+    assert len(captured) == 1 and not captured[0].args[0].is_inference()
+
+
+def _comparison(latency_before, latency_after, size_before, size_after, cast_from=None):
+    return pipeline.Comparison(
+        {},
+        {},
+        size_before,
+        size_after,
+        0.25,
+        pipeline.Latency(latency_before, latency_before, latency_before),
+        pipeline.Latency(latency_after, latency_after, latency_after),
+        cast_from,
+    )
+
+
+def test_slowdowns_and_size_increases_are_warned_about_and_stated():
+    comparison = _comparison(1.0, 2.0, 0.002, 0.003, torch.float16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        DynamicQuantization()._warn_about_regressions(comparison)
+    messages = [str(w.message) for w in caught]
+    assert any("slower" in m and "0.50x" in m and "25.0% of its parameters" in m for m in messages)
+    assert any("larger than the float one" in m for m in messages)
+    results = {
+        "quantization/size_mb_before": 0.002,
+        "quantization/size_mb_after": 0.003,
+        "quantization/latency_ms_before": 1.0,
+        "quantization/latency_ms_after": 2.0,
+        "quantization/coverage": 0.25,
+    }
+    table = summary_table(results, "qint8", comparison=comparison, stage_seconds={"quantize": 0.5})
+    assert "SLOWER here (0.50x)" in table and "LARGER" in table and "coverage: 25.0%" in table
+    assert "weights are float16" in table and "time: quantize 0.50 s" in table
