@@ -240,7 +240,7 @@ class DynamicQuantization(Callback):
                 "inputs), or call `self(...)` in `validation_step`."
             )
         headline = self._headline(trainer, before)
-        with _timed(stages, "quantize"):
+        with _timed(stages, "quantize", announce=not rehearsal):
             if self.sparse_kernels == "auto" and not rehearsal:
                 self.kernel_choices = choose_linear_kernels(float_model, inputs[0], dtype, names)
                 quantized = build_with_kernels(float_model, self.kernel_choices, dtype, names)
@@ -253,14 +253,14 @@ class DynamicQuantization(Callback):
         if rehearsal:
             self._rehearse_artifact(quantized, inputs[0] if inputs else None)
             return
-        with _timed(stages, "time latency"):
+        with _timed(stages, "time latency", announce=not rehearsal):
             timed = inputs if self.evaluate else []
             comparison = pipeline.compare(float_model, quantized, names, timed, before, after, LATENCY_ROUNDS)
         comparison.cast_from = cast_from
         results = self._results(comparison, headline)
         results.update(self._sparsity(trainer, float_model, quantized))
         if self.save_path is not None:
-            with _timed(stages, "save artifact"):
+            with _timed(stages, "save artifact", announce=not rehearsal):
                 size = self._save(trainer, quantized, inputs[0])
             if size is not None:
                 results[report.SIZE_COMPRESSED] = size / 1e6
@@ -422,7 +422,9 @@ class DynamicQuantization(Callback):
 
 
 @contextlib.contextmanager
-def _timed(stages: dict[str, float], stage: str) -> Iterator[None]:
+def _timed(stages: dict[str, float], stage: str, announce: bool = False) -> Iterator[None]:
+    if announce:
+        rank_zero_info(f"DynamicQuantization: {stage} ...")
     start = time.perf_counter()
     try:
         yield

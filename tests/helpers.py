@@ -94,6 +94,58 @@ class ConfiguredMLP(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
 
 
+def sentences(n: int, seed: int, vocab: int = 100, length: int = 16) -> list[dict[str, torch.Tensor]]:
+    """Token dicts as a tokenizer gives them, with a label learnable from the first token."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (n, length), generator=generator)
+    labels = (ids[:, 0] > vocab // 2).long()  # learnable from the first token
+    return [
+        {
+            "input_ids": ids[i],
+            "attention_mask": torch.ones(length, dtype=torch.long),
+            "token_type_ids": torch.zeros(length, dtype=torch.long),
+            "labels": labels[i],
+        }
+        for i in range(n)
+    ]
+
+
+class BertClassifier(pl.LightningModule):
+    """As Lightning's "finetune transformers" tutorial writes it: dict batches, ``forward(**inputs)`` returning the
+    model's ``SequenceClassifierOutput``, ``validation_step`` logging ``val_loss`` and ``val_acc``."""
+
+    def __init__(self):
+        super().__init__()
+        import transformers  # a test extra; only the tests that use BERT need it
+
+        config = transformers.BertConfig(
+            vocab_size=100,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=32,
+            num_labels=2,
+        )
+        self.model = transformers.BertForSequenceClassification(config)
+        self.val_acc = torchmetrics.Accuracy(task="multiclass", num_classes=2)
+
+    def forward(self, **inputs):
+        return self.model(**inputs)
+
+    def training_step(self, batch, batch_idx):
+        return self(**batch).loss
+
+    def validation_step(self, batch, batch_idx):
+        outputs = self(**batch)
+        self.val_acc(outputs.logits.argmax(-1), batch["labels"])
+        self.log("val_loss", outputs.loss)
+        self.log("val_acc", self.val_acc)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=2e-3)
+
+
 def zero_fraction(tensors) -> float:
     tensors = list(tensors)
     return sum(int((t == 0).sum()) for t in tensors) / sum(t.numel() for t in tensors)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 import torchmetrics
 from digits import DigitsDataModule, DigitsMLP
-from helpers import DemoTransformer
+from helpers import BertClassifier, DemoTransformer, sentences
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.loggers import CSVLogger
@@ -20,8 +20,6 @@ from torch.utils.data import DataLoader
 
 from lightning_compress import DynamicQuantization, MagnitudePruning, load_quantized
 from lightning_compress.inputs import plain_outputs
-
-transformers = pytest.importorskip("transformers")
 
 
 def _fit(kwargs, callbacks, model, max_epochs=1, **fit_kwargs):
@@ -36,57 +34,9 @@ def _is_quantized(module):
 
 
 # ---------------------------------------------------------------------------------------------- Hugging Face BERT
-def _sentences(n, seed, vocab=100, length=16):
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(1, vocab, (n, length), generator=generator)
-    labels = (ids[:, 0] > vocab // 2).long()  # learnable from the first token
-    return [
-        {
-            "input_ids": ids[i],
-            "attention_mask": torch.ones(length, dtype=torch.long),
-            "token_type_ids": torch.zeros(length, dtype=torch.long),
-            "labels": labels[i],
-        }
-        for i in range(n)
-    ]
-
-
-class BertClassifier(pl.LightningModule):
-    """As Lightning's "finetune transformers" tutorial writes it: dict batches, ``forward(**inputs)`` returning the
-    model's ``SequenceClassifierOutput``, ``validation_step`` logging ``val_loss`` and ``val_acc``."""
-
-    def __init__(self):
-        super().__init__()
-        config = transformers.BertConfig(
-            vocab_size=100,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=32,
-            num_labels=2,
-        )
-        self.model = transformers.BertForSequenceClassification(config)
-        self.val_acc = torchmetrics.Accuracy(task="multiclass", num_classes=2)
-
-    def forward(self, **inputs):
-        return self.model(**inputs)
-
-    def training_step(self, batch, batch_idx):
-        return self(**batch).loss
-
-    def validation_step(self, batch, batch_idx):
-        outputs = self(**batch)
-        self.val_acc(outputs.logits.argmax(-1), batch["labels"])
-        self.log("val_loss", outputs.loss)
-        self.log("val_acc", self.val_acc)
-
-    def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=2e-3)
-
-
 @pytest.fixture(scope="module")
 def bert_run(tmp_path_factory):
+    pytest.importorskip("transformers")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     root = tmp_path_factory.mktemp("bert")
     pruning = MagnitudePruning(amount=0.5)
@@ -102,7 +52,7 @@ def bert_run(tmp_path_factory):
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(model, DataLoader(_sentences(96, 0), batch_size=16), DataLoader(_sentences(48, 1), batch_size=16))
+    trainer.fit(model, DataLoader(sentences(96, 0), batch_size=16), DataLoader(sentences(48, 1), batch_size=16))
     return dict(root=root, quant=quant, model=model, logger=logger)
 
 
@@ -116,7 +66,7 @@ def test_bert_is_evaluated_with_its_own_validation_and_every_metric_is_logged(be
     assert results["quantization/accuracy_before"] == results["quantization/val_acc_before"]  # monitor="val_acc"
     # the logged value is what the module's own validation gives on the quantized copy
     expected = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).validate(
-        quant.quantized_model, DataLoader(_sentences(48, 1), batch_size=16), verbose=False
+        quant.quantized_model, DataLoader(sentences(48, 1), batch_size=16), verbose=False
     )[0]
     assert results["quantization/val_acc_after"] == pytest.approx(expected["val_acc"])
     assert results["quantization/val_loss_after"] == pytest.approx(expected["val_loss"], rel=1e-5)
@@ -127,7 +77,7 @@ def test_bert_is_evaluated_with_its_own_validation_and_every_metric_is_logged(be
 
 
 def test_bert_artifact_is_called_with_the_forward_keywords_and_returns_a_dict(bert_run, run_in_fresh_process):
-    batch = {k: v for k, v in next(iter(DataLoader(_sentences(8, 3), batch_size=8))).items()}
+    batch = {k: v for k, v in next(iter(DataLoader(sentences(8, 3), batch_size=8))).items()}
     expected = plain_outputs(bert_run["quant"].quantized_model(**batch))
     assert set(expected) == {"loss", "logits"}
     loaded = run_in_fresh_process("load_quantized", bert_run["root"] / "bert.lcz", batch)
