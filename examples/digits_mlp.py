@@ -18,7 +18,6 @@ from digits import DigitsDataModule, DigitsMLP
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from lightning_compress import DynamicQuantization, MagnitudePruning
-from lightning_compress.report import plot_metrics
 
 
 def parse_args() -> argparse.Namespace:
@@ -67,16 +66,15 @@ def main() -> None:
         compress=True,
         sparse_kernels="auto",
         baseline_accuracy=baseline,
+        monitor="val_acc",
     )
 
     pl.seed_everything(args.seed, verbose=False)
     trainer = pl.Trainer(max_epochs=args.epochs, callbacks=[pruning, quantization], logger=loggers)
     trainer.fit(DigitsMLP(hidden=args.hidden), datamodule=DigitsDataModule())
 
-    try:
-        print(f"Plot: {plot_metrics(log_dir / 'metrics.csv')}")
-    except ImportError as error:
-        print(error)
+    plot = log_dir / "sparsity.png"  # drawn by MagnitudePruning at the end of training (needs matplotlib)
+    print(f"Plot: {plot}" if plot.exists() else "Plot: pip install 'lightning_compress[plot]' to get one")
     print(f"Metrics: {log_dir / 'metrics.csv'}  Artifact: {quantization.save_path}")
 
 
