@@ -117,3 +117,8 @@ def forget_metric_attributes(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, pl.LightningModule):
             m._metric_attributes = None
+
+
+def uncompiled_name(name: str) -> str:
+    """A parameter or module name as in the uncompiled model: without ``torch.compile``'s ``_orig_mod`` segments."""
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")

@@ -101,7 +101,7 @@ def quantized_weights(model: nn.Module) -> dict[str, Tensor]:
             items = [("weight", weight.to_dense())]
         elif hasattr(module, "get_weight") and callable(module.get_weight):
             items = module.get_weight().items()
-        elif hasattr(module, "_packed_params") and callable(getattr(module, "weight", None)):
+        elif isinstance(module, (torch.ao.nn.quantized.Linear, torch.ao.nn.quantized.dynamic.Linear)):
             items = [("weight", module.weight())]
         else:
             items = module.named_parameters(recurse=False)

@@ -399,7 +399,9 @@ class DynamicQuantization(Callback):
     def _sparsity(self, trainer: pl.Trainer, float_model: nn.Module, quantized: nn.Module) -> dict[str, float]:
         float_weights = dict(float_model.named_parameters())
         quantized_weights = measure.quantized_weights(quantized)
-        pruned = [n for n in _pruned_parameter_names(trainer) if n in float_weights and n in quantized_weights]
+        # named as in the uncompiled copy: a compiled submodule's parameters carry `_orig_mod` in their names
+        selected = [compat.uncompiled_name(n) for n in _pruned_parameter_names(trainer)]
+        pruned = [n for n in selected if n in float_weights and n in quantized_weights]
         float_overall, float_layers = measure.sparsity_by_name({n: float_weights[n] for n in pruned})
         quantized_overall, quantized_layers = measure.sparsity_by_name({n: quantized_weights[n] for n in pruned})
         self.layer_sparsity = {n: (float_layers[n], quantized_layers[n]) for n in pruned}

@@ -18,7 +18,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_compress import DynamicQuantization, MagnitudePruning, load_quantized
+from lightning_compress import DynamicQuantization, MagnitudePruning
 from lightning_compress.inputs import plain_outputs
 
 
@@ -123,10 +123,12 @@ def test_transformer_encoder_fast_path_works_on_the_quantized_copy(quiet_trainer
 
 def test_boring_model_without_evaluation_writes_its_artifact(quiet_trainer_kwargs, tmp_path, run_in_fresh_process):
     model = BoringModel()
-    quant = DynamicQuantization(evaluate=False, save_path=tmp_path / "boring.ts")
-    _fit({**quiet_trainer_kwargs, "limit_train_batches": 4, "limit_val_batches": 2}, [quant], model)
+    pruning = MagnitudePruning(amount=0.5, schedule="constant")
+    quant = DynamicQuantization(evaluate=False, save_path=tmp_path / "boring.lcz", compress=True)
+    _fit({**quiet_trainer_kwargs, "limit_train_batches": 4, "limit_val_batches": 2}, [pruning, quant], model)
+    assert quant.results["pruning/sparsity"] == 0.5 and "quantization/latency_ms_after" not in quant.results
     x = torch.randn(3, 32)
-    assert torch.equal(run_in_fresh_process("load_quantized", tmp_path / "boring.ts", x), quant.quantized_model(x))
+    assert torch.equal(run_in_fresh_process("load_quantized", tmp_path / "boring.lcz", x), quant.quantized_model(x))
 
 
 class TwoInputs(DigitsMLP):
@@ -171,15 +173,19 @@ class CompiledDigits(DigitsMLP):
 
 
 @pytest.mark.parametrize("where", ["module", "submodule"])
-def test_compiled_models_are_quantized_for_real_and_independent_of_the_original(quiet_trainer_kwargs, tmp_path, where):
+def test_compiled_models_are_quantized_for_real_and_independent_of_the_original(
+    quiet_trainer_kwargs, tmp_path, where, run_in_fresh_process
+):
     model = CompiledDigits(hidden=32)
     if where == "submodule":
         model.net = torch.compile(model.net, backend="eager")
         fitted = model
     else:
         fitted = torch.compile(model, backend="eager")  # Lightning unwraps it and keeps the compiled forward
-    quant = DynamicQuantization(save_path=tmp_path / "c.ts")
-    _fit(quiet_trainer_kwargs, [quant], fitted, max_epochs=2, datamodule=DigitsDataModule())
+    quant = DynamicQuantization(save_path=tmp_path / "c.lcz", compress=True)
+    pruning = MagnitudePruning(amount=0.6)
+    _fit(quiet_trainer_kwargs, [pruning, quant], fitted, max_epochs=2, datamodule=DigitsDataModule())
+    assert quant.results["pruning/sparsity"] == pytest.approx(0.6, abs=1e-3)
     quantized = quant.quantized_model
     layers = [m for m in quantized.modules() if isinstance(m, (nn.Linear, torch.ao.nn.quantized.dynamic.Linear))]
     assert len(layers) == 3 and all(_is_quantized(m) for m in layers)
@@ -190,19 +196,24 @@ def test_compiled_models_are_quantized_for_real_and_independent_of_the_original(
         for p in model.parameters():
             p.add_(1.0)  # the original changes; the quantized copy must not
         assert torch.equal(quantized(x), before)
-    assert torch.equal(load_quantized(tmp_path / "c.ts")(x), before)
+    assert torch.equal(run_in_fresh_process("load_quantized", tmp_path / "c.lcz", x), before)
 
 
-def test_bf16_true_training_quantizes_a_float32_copy_and_says_so(quiet_trainer_kwargs, tmp_path, caplog):
-    quant = DynamicQuantization(save_path=tmp_path / "bf16.ts")
+def test_bf16_true_training_quantizes_a_float32_copy_and_says_so(
+    quiet_trainer_kwargs, tmp_path, caplog, run_in_fresh_process
+):
+    quant = DynamicQuantization(save_path=tmp_path / "bf16.lcz", compress=True)
+    pruning = MagnitudePruning(amount=0.5)
     model = DigitsMLP(hidden=32)
     with caplog.at_level(logging.INFO):
-        _fit({**quiet_trainer_kwargs, "precision": "bf16-true"}, [quant], model, datamodule=DigitsDataModule())
+        _fit({**quiet_trainer_kwargs, "precision": "bf16-true"}, [pruning, quant], model, datamodule=DigitsDataModule())
     assert model.net[0].weight.dtype == torch.bfloat16  # the trained model is left as it is
     assert quant.comparison.cast_from == torch.bfloat16
     assert any("weights are bfloat16; 'float' is a float32 copy" in r.getMessage() for r in caplog.records)
     x = torch.rand(4, 64)
     assert quant.quantized_model(x).dtype == torch.float32
+    assert torch.equal(run_in_fresh_process("load_quantized", tmp_path / "bf16.lcz", x), quant.quantized_model(x))
+    assert quant.results["pruning/sparsity"] == pytest.approx(0.5, abs=1e-3)  # pruned in bfloat16, measured in fp32
     assert abs(quant.results["quantization/accuracy_before"] - quant.results["quantization/accuracy_after"]) < 0.05
 
 
