@@ -17,8 +17,9 @@ _EXPORTS = {
     "QuantizationError": "lightning_compress.quantization",
     "load_quantized": "lightning_compress.artifact",
     "save_quantized": "lightning_compress.artifact",
-    "save_compressed": "lightning_compress.compressed",
-    "load_compressed": "lightning_compress.compressed",
+    "save_compressed": "lightning_compress.artifact",
+    "load_compressed": "lightning_compress.artifact",
+    "ArtifactError": "lightning_compress.compressed",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -25,9 +25,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_compress import compat, evaluation, measure, pipeline, report
-from lightning_compress.artifact import save_quantized
+from lightning_compress.artifact import save_compressed, save_quantized
 from lightning_compress.backends import DTYPES, SUPPORTED_MODULES
-from lightning_compress.compressed import save_compressed
 from lightning_compress.inputs import ModelInput, capture_inputs
 from lightning_compress.kernels import KernelChoice, build_with_kernels, choose_linear_kernels
 

@@ -5,9 +5,9 @@ import torch
 from helpers import pruned_mlp
 from torch import nn
 
-from lightning_compress import load_compressed, load_quantized, save_compressed
+from lightning_compress import ArtifactError, load_compressed, load_quantized, save_compressed
 from lightning_compress.backends import quantize_dynamic_copy
-from lightning_compress.compressed import VERSION, ArtifactError, decode
+from lightning_compress.compressed import VERSION, decode
 from lightning_compress.measure import serialized_size_bytes
 
 
@@ -103,3 +103,148 @@ def test_compress_needs_a_save_path():
 
     with pytest.raises(ValueError, match="`compress=True` needs `save_path`"):
         DynamicQuantization(compress=True)
+
+
+# ---------------------------------------------------------------------------------------------- hostile files
+def _rechecksummed(header: dict, payload: bytes, header_length: int | None = None) -> bytes:
+    """An artifact with this header and payload and a valid checksum, as anyone can write one."""
+    import hashlib
+    import json
+
+    from lightning_compress.compressed import MAGIC
+
+    header_bytes = json.dumps(header).encode()
+    length = len(header_bytes) if header_length is None else header_length
+    body = struct.pack("<8sHI", MAGIC, VERSION, length) + header_bytes + payload
+    return body + hashlib.sha256(body).digest()
+
+
+def _parts(data: bytes) -> tuple[dict, bytes]:
+    import json
+
+    (length,) = struct.unpack_from("<I", data, 10)
+    return json.loads(data[14 : 14 + length]), data[14 + length : -32]
+
+
+def _bomb(tmp_path, megabytes: int) -> bytes:
+    """A few kilobytes that declare ``megabytes`` of zeros once decoded: legal, but huge."""
+    import io
+    import zipfile
+
+    from lightning_compress.compressed import encode
+
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("m/data/0", bytes(megabytes * 2**20))
+    return encode(archive.getvalue())
+
+
+def test_a_decompression_bomb_is_decoded_as_a_stream(tmp_path):
+    import tracemalloc
+
+    from lightning_compress.compressed import decode_to
+
+    data = _bomb(tmp_path, 32)
+    declared = 32 * 2**20
+    assert len(data) < 20_000
+    (tmp_path / "bomb.lcz").write_bytes(data)
+    tracemalloc.start()
+    try:
+        with open(tmp_path / "archive.zip", "wb") as out:
+            decode_to(data, out)
+        _, to_file = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        with pytest.raises(ArtifactError, match="not a lightning_compress artifact"):  # decodes, then is not ours
+            load_quantized(tmp_path / "bomb.lcz")
+        _, loading = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        in_memory = len(decode(data))
+        _, to_bytes = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (tmp_path / "archive.zip").stat().st_size > declared and in_memory > declared
+    # the LZMA dictionary (no larger than the payload), the bitmask (an eighth) and a few 2 Mi-entry blocks
+    assert max(to_file, loading) < 1.5 * declared, (to_file, loading)
+    assert to_bytes < 4 * declared, to_bytes  # decode() returns the bytes: those, and the buffer they grew in
+
+
+def test_an_xz_stream_that_asks_for_a_huge_dictionary_is_refused(digits_artifact, tmp_path):
+    import lzma
+
+    header, _ = _parts(digits_artifact["path"].read_bytes())
+    raw = decode(digits_artifact["path"].read_bytes())  # any bytes will do as content
+    greedy = lzma.compress(raw[:1000], format=lzma.FORMAT_XZ, filters=[{"id": lzma.FILTER_LZMA2, "dict_size": 2**30}])
+    (tmp_path / "greedy.lcz").write_bytes(_rechecksummed(header, greedy))
+    with pytest.raises(ArtifactError, match="not a valid xz stream.*[Mm]emory"):
+        load_quantized(tmp_path / "greedy.lcz")
+
+
+def test_declared_sizes_above_max_bytes_are_refused_before_allocating(tmp_path):
+    import tracemalloc
+
+    data = _bomb(tmp_path, 8)
+    (tmp_path / "bomb.lcz").write_bytes(data)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ArtifactError, match=r"declares 8,388,608 bytes.*max_bytes=1,000,000.*larger max_bytes"):
+            load_quantized(tmp_path / "bomb.lcz", max_bytes=1_000_000)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000
+
+
+def test_random_mutations_with_a_valid_checksum_raise_only_artifact_errors(tmp_path):
+    import random
+
+    quantized = quantize_dynamic_copy(nn.Sequential(nn.Linear(4, 3)), torch.qint8, {nn.Linear})
+    save_compressed(quantized, torch.rand(2, 4), tmp_path / "small.lcz")
+    header, payload = _parts((tmp_path / "small.lcz").read_bytes())
+    rng = random.Random(0)
+    pool = [None, -1, 0, 1, 2**62, 1.5, True, "", "x" * 2000, "raw", "nonzero-bitmask", [], {}, [1, 2, 3]]
+    outcomes = {"loaded": 0, "refused": 0}
+    for _ in range(1200):
+        h = __import__("copy").deepcopy(header)
+        p, length = payload, None
+        kind = rng.randrange(7)
+        if kind == 0:
+            h[rng.choice(["format", "version", "raw_size", "members", "metadata", "torch"])] = rng.choice(pool)
+        elif kind == 1:
+            del h[rng.choice(list(h))]
+        elif kind == 2 and h["members"]:
+            member = rng.choice(h["members"])
+            member[rng.randrange(3)] = rng.choice(pool + [m[0] for m in h["members"]])
+        elif kind == 3:
+            rng.shuffle(h["members"]) if rng.random() < 0.5 else h["members"].pop(rng.randrange(len(h["members"])))
+        elif kind == 4:
+            h["raw_size"] = max(0, h["raw_size"] + rng.randint(-50, 50))
+        elif kind == 5:
+            cut = rng.randrange(len(p))
+            p = p[:cut] if rng.random() < 0.5 else p + bytes(rng.randrange(256) for _ in range(rng.randint(1, 40)))
+        else:
+            length = rng.choice([0, 1, 13, len(str(h)) + rng.randint(-20, 20), 2**32 - 1])
+        (tmp_path / "m.lcz").write_bytes(_rechecksummed(h, p, length))
+        try:
+            load_quantized(tmp_path / "m.lcz")
+            outcomes["loaded"] += 1
+        except ArtifactError:
+            outcomes["refused"] += 1
+    assert outcomes["refused"] > 900  # and nothing but ArtifactError escaped
+
+
+def test_a_header_of_a_newer_version_asks_to_upgrade(digits_artifact, tmp_path):
+    header, payload = _parts(digits_artifact["path"].read_bytes())
+    (tmp_path / "v2.lcz").write_bytes(_rechecksummed({**header, "version": 2}, payload))
+    with pytest.raises(ArtifactError, match="format version 2.*Upgrade lightning_compress"):
+        load_quantized(tmp_path / "v2.lcz")
+
+
+@pytest.mark.parametrize("loader", [load_quantized, load_compressed])
+def test_wrong_files_and_paths_give_clear_errors(tmp_path, loader):
+    with pytest.raises(FileNotFoundError, match="missing.lcz"):
+        loader(tmp_path / "missing.lcz")
+    with pytest.raises(ArtifactError, match="is a folder"):
+        loader(tmp_path)
+    torch.save(nn.Linear(2, 2).state_dict(), tmp_path / "weights.pt")
+    with pytest.raises(ArtifactError, match="torch.save file" if loader is load_quantized else "bad magic"):
+        loader(tmp_path / "weights.pt")

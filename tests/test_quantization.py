@@ -303,10 +303,10 @@ def test_failure_at_fit_end_keeps_model_and_checkpoints(quiet_trainer_kwargs, tm
 
 def test_load_quantized_rejects_other_files(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a zip")
-    with pytest.raises(ValueError, match="not a lightning_compress quantized artifact"):
+    with pytest.raises(ValueError, match="not a lightning_compress artifact"):
         load_quantized(tmp_path / "junk.pt")
     torch.jit.save(torch.jit.script(nn.Linear(2, 2)), str(tmp_path / "plain.ts"))
-    with pytest.raises(ValueError, match="not a lightning_compress quantized artifact"):
+    with pytest.raises(ValueError, match="not a lightning_compress artifact"):
         load_quantized(tmp_path / "plain.ts")
     with pytest.raises(FileNotFoundError):
         load_quantized(tmp_path / "missing.ts")
