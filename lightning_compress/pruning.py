@@ -180,6 +180,12 @@ class MagnitudePruning(Callback):
         return list(self._names)
 
     @property
+    def pruned_parameter_names(self) -> list[str]:
+        """The :class:`lightning_compress.protocols.PruningCallback` contract: what ``DynamicQuantization``
+        measures sparsity over."""
+        return list(self._names)
+
+    @property
     def selected_parameters(self) -> dict[str, Tensor]:
         """The selected parameters by canonical name (from ``on_train_start`` on)."""
         return dict(zip(self._names, self._weights))

@@ -29,6 +29,7 @@ from lightning_compress.artifact import save_compressed, save_quantized
 from lightning_compress.backends import DTYPES, SUPPORTED_MODULES
 from lightning_compress.inputs import ModelInput, capture_inputs
 from lightning_compress.kernels import KernelChoice, build_with_kernels, choose_linear_kernels
+from lightning_compress.protocols import PruningCallback
 
 #: Latency is timed on (up to) this many evaluation batches.
 LATENCY_BATCHES = 32
@@ -81,8 +82,9 @@ class DynamicQuantization(Callback):
     (bytes of the serialized state dict / 1e6), ``quantization/latency_ms_before``/``_after`` (median per batch,
     the two models timed interleaved on the same batches), ``quantization/coverage`` (fraction of the model's
     parameters in quantized layers), ``quantization/size_mb_compressed`` (with ``compress=True``),
-    ``quantization/kernel_speedup/<layer>`` (with ``sparse_kernels="auto"``), and ``pruning/sparsity`` /
-    ``quantization/sparsity_after`` when a pruning callback ran.
+    ``quantization/kernel_speedup/<layer>`` (with ``sparse_kernels="auto"``), and ``quantization/sparsity_before``
+    / ``quantization/sparsity_after`` (zeros in the float and the quantized weights) over the parameters that a
+    pruning callback reports (:class:`lightning_compress.protocols.PruningCallback`).
     """
 
     def __init__(
@@ -396,15 +398,17 @@ class DynamicQuantization(Callback):
         return results
 
     def _sparsity(self, trainer: pl.Trainer, float_model: nn.Module, quantized: nn.Module) -> dict[str, float]:
+        """Fractions of zeros, measured on both models, over what pruning callbacks pruned (see
+        :mod:`lightning_compress.protocols`); without one, nothing is reported."""
         float_weights = dict(float_model.named_parameters())
         quantized_weights = measure.quantized_weights(quantized)
         # named as in the uncompiled copy: a compiled submodule's parameters carry `_orig_mod` in their names
         selected = [compat.uncompiled_name(n) for n in _pruned_parameter_names(trainer)]
-        pruned = [n for n in selected if n in float_weights and n in quantized_weights]
+        pruned = [n for n in dict.fromkeys(selected) if n in float_weights and n in quantized_weights]
         float_overall, float_layers = measure.sparsity_by_name({n: float_weights[n] for n in pruned})
         quantized_overall, quantized_layers = measure.sparsity_by_name({n: quantized_weights[n] for n in pruned})
         self.layer_sparsity = {n: (float_layers[n], quantized_layers[n]) for n in pruned}
-        return {report.SPARSITY: float_overall, report.SPARSITY_AFTER: quantized_overall} if pruned else {}
+        return {report.SPARSITY_BEFORE: float_overall, report.SPARSITY_AFTER: quantized_overall} if pruned else {}
 
     def _warn_about_regressions(self, comparison: pipeline.Comparison) -> None:
         speedup = comparison.speedup
@@ -434,11 +438,8 @@ def _timed(stages: dict[str, float], stage: str, announce: bool = False) -> Iter
 
 
 def _pruned_parameter_names(trainer: pl.Trainer) -> list[str]:
-    """Parameters a pruning callback selected, found by duck typing so the callbacks never import each other."""
-    names: list[str] = []
-    for callback in trainer.callbacks:
-        names.extend(getattr(callback, "parameter_names", []))
-    return names
+    """Parameters that pruning callbacks report through the public contract (:mod:`lightning_compress.protocols`)."""
+    return [name for c in trainer.callbacks if isinstance(c, PruningCallback) for name in c.pruned_parameter_names]
 
 
 def _names(types: Iterable[type]) -> str:

@@ -36,6 +36,7 @@ SIZE_BEFORE = "quantization/size_mb_before"
 SIZE_AFTER = "quantization/size_mb_after"
 LATENCY_BEFORE = "quantization/latency_ms_before"
 LATENCY_AFTER = "quantization/latency_ms_after"
+SPARSITY_BEFORE = "quantization/sparsity_before"
 SPARSITY_AFTER = "quantization/sparsity_after"
 SIZE_COMPRESSED = "quantization/size_mb_compressed"
 KERNEL_SPEEDUP_PREFIX = "quantization/kernel_speedup/"
@@ -60,7 +61,7 @@ def summary_table(
     ``comparison`` (a :class:`lightning_compress.pipeline.Comparison`) and ``stage_seconds``, which
     ``DynamicQuantization`` measured in this run; ``baseline_accuracy`` is shown as given.
     """
-    pruned = SPARSITY in results
+    pruned = SPARSITY_BEFORE in results
     metrics = _metric_names(results)
     if headline is None and ACCURACY_BEFORE in results:
         headline = "accuracy"
@@ -80,7 +81,7 @@ def summary_table(
     for name, (before, after) in (layer_sparsity or {}).items():
         row(f"  {name}", before, after, "{:.2%}")
     if pruned:
-        row("sparsity (overall)", results[SPARSITY], results.get(SPARSITY_AFTER), "{:.2%}")
+        row("sparsity (overall)", results[SPARSITY_BEFORE], results[SPARSITY_AFTER], "{:.2%}")
     if baseline_accuracy is not None:
         row("accuracy, dense", baseline_accuracy, None, "{:.4f}")
     if headline:
@@ -129,7 +130,7 @@ def summary_table(
 
 def _metric_names(results: Mapping[str, float]) -> list[str]:
     """Names ``m`` of the ``quantization/<m>_before`` metrics that are not one of the fixed keys."""
-    fixed = {ACCURACY_BEFORE, SIZE_BEFORE, LATENCY_BEFORE}
+    fixed = {ACCURACY_BEFORE, SIZE_BEFORE, LATENCY_BEFORE, SPARSITY_BEFORE}
     return [
         key.removeprefix("quantization/").removesuffix("_before")
         for key in results

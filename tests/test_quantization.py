@@ -65,7 +65,8 @@ def test_mlp_accuracy_size_latency_logged(mlp_run):
     values = {k: float(row[k]) for k in keys}
     for key in keys:
         assert values[key] == pytest.approx(mlp_run["quant"].results[key], rel=1e-6)
-    assert float(row["pruning/sparsity"]) == pytest.approx(0.8, abs=1e-4)
+    assert float(row["quantization/sparsity_before"]) == pytest.approx(0.8, abs=1e-4)
+    assert float(row["quantization/sparsity_after"]) == pytest.approx(0.8, abs=1e-4)
     assert values["quantization/accuracy_before"] > 0.9
     assert values["quantization/accuracy_before"] - values["quantization/accuracy_after"] <= 0.02
     assert values["quantization/size_mb_before"] / values["quantization/size_mb_after"] > 3.5
@@ -310,3 +311,30 @@ def test_load_quantized_rejects_other_files(tmp_path):
         load_quantized(tmp_path / "plain.ts")
     with pytest.raises(FileNotFoundError):
         load_quantized(tmp_path / "missing.ts")
+
+
+def test_a_third_party_pruning_callback_takes_part_through_the_protocol(quiet_trainer_kwargs):
+    from lightning_compress.protocols import PruningCallback
+
+    class HalveFirstLayer(Callback):
+        """Someone else's pruning: zeroes the first half of net.0's rows at the end of training."""
+
+        pruned_parameter_names = ["net.0.weight"]
+
+        def on_train_end(self, trainer, pl_module):
+            with torch.no_grad():
+                pl_module.net[0].weight[: pl_module.net[0].weight.shape[0] // 2] = 0
+
+    assert isinstance(HalveFirstLayer(), PruningCallback) and isinstance(MagnitudePruning(), PruningCallback)
+    quant = DynamicQuantization()
+    _fit([HalveFirstLayer(), quant], quiet_trainer_kwargs, DigitsMLP(hidden=32), max_epochs=1)
+    assert list(quant.layer_sparsity) == ["net.0.weight"]
+    assert quant.results["quantization/sparsity_before"] == 0.5
+    assert 0.5 <= quant.results["quantization/sparsity_after"] < 0.51  # zeros stay; int8 rounds a few more to 0
+    assert "pruning/sparsity" not in quant.results  # the pruning callback's own key is its own
+
+
+def test_without_a_pruning_callback_no_sparsity_is_reported(quiet_trainer_kwargs):
+    quant = DynamicQuantization()
+    _fit([quant], quiet_trainer_kwargs, DigitsMLP(hidden=16), max_epochs=1)
+    assert not any("sparsity" in key for key in quant.results) and quant.layer_sparsity == {}

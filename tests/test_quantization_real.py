@@ -73,7 +73,7 @@ def test_bert_is_evaluated_with_its_own_validation_and_every_metric_is_logged(be
     layers = quant.quantized_model.model.bert.encoder.layer
     assert _is_quantized(layers[0].attention.self.query) and _is_quantized(quant.quantized_model.model.classifier)
     assert 0 < results["quantization/coverage"] < 1  # the embeddings stay float
-    assert results["pruning/sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert results["quantization/sparsity_before"] == pytest.approx(0.5, abs=1e-3)
 
 
 def test_bert_artifact_is_called_with_the_forward_keywords_and_returns_a_dict(bert_run, run_in_fresh_process):
@@ -126,7 +126,7 @@ def test_boring_model_without_evaluation_writes_its_artifact(quiet_trainer_kwarg
     pruning = MagnitudePruning(amount=0.5, schedule="constant")
     quant = DynamicQuantization(evaluate=False, save_path=tmp_path / "boring.lcz", compress=True)
     _fit({**quiet_trainer_kwargs, "limit_train_batches": 4, "limit_val_batches": 2}, [pruning, quant], model)
-    assert quant.results["pruning/sparsity"] == 0.5 and "quantization/latency_ms_after" not in quant.results
+    assert quant.results["quantization/sparsity_before"] == 0.5 and "quantization/latency_ms_after" not in quant.results
     x = torch.randn(3, 32)
     assert torch.equal(run_in_fresh_process("load_quantized", tmp_path / "boring.lcz", x), quant.quantized_model(x))
 
@@ -185,7 +185,7 @@ def test_compiled_models_are_quantized_for_real_and_independent_of_the_original(
     quant = DynamicQuantization(save_path=tmp_path / "c.lcz", compress=True)
     pruning = MagnitudePruning(amount=0.6)
     _fit(quiet_trainer_kwargs, [pruning, quant], fitted, max_epochs=2, datamodule=DigitsDataModule())
-    assert quant.results["pruning/sparsity"] == pytest.approx(0.6, abs=1e-3)
+    assert quant.results["quantization/sparsity_before"] == pytest.approx(0.6, abs=1e-3)
     quantized = quant.quantized_model
     layers = [m for m in quantized.modules() if isinstance(m, (nn.Linear, torch.ao.nn.quantized.dynamic.Linear))]
     assert len(layers) == 3 and all(_is_quantized(m) for m in layers)
@@ -213,7 +213,9 @@ def test_bf16_true_training_quantizes_a_float32_copy_and_says_so(
     x = torch.rand(4, 64)
     assert quant.quantized_model(x).dtype == torch.float32
     assert torch.equal(run_in_fresh_process("load_quantized", tmp_path / "bf16.lcz", x), quant.quantized_model(x))
-    assert quant.results["pruning/sparsity"] == pytest.approx(0.5, abs=1e-3)  # pruned in bfloat16, measured in fp32
+    assert quant.results["quantization/sparsity_before"] == pytest.approx(
+        0.5, abs=1e-3
+    )  # pruned in bfloat16, measured in fp32
     assert abs(quant.results["quantization/accuracy_before"] - quant.results["quantization/accuracy_after"]) < 0.05
 
 

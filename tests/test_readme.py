@@ -23,7 +23,9 @@ def test_python_blocks_run(tmp_path, monkeypatch):
     for code in blocks:
         exec(compile(code, "README.md", "exec"), namespace)
     assert (tmp_path / "digits_int8.ts").exists()
-    assert namespace["quantization"].results["pruning/sparsity"] == __import__("pytest").approx(0.8, abs=1e-3)
+    assert namespace["quantization"].results["quantization/sparsity_before"] == __import__("pytest").approx(
+        0.8, abs=1e-3
+    )
 
 
 def test_shell_blocks_are_make_targets_that_exist():
