@@ -139,6 +139,23 @@ class Comparison:
             return None
         return self.latency_before.median_ms / self.latency_after.median_ms
 
+    def regressions(self) -> list[str]:
+        """What got worse, in words: a slower quantized model, a larger one."""
+        found = []
+        if self.speedup is not None and self.speedup < 1:
+            found.append(
+                f"the quantized model is slower than the float one on this machine ({self.latency_after.median_ms:.3f}"
+                f" against {self.latency_before.median_ms:.3f} ms per batch, {self.speedup:.2f}x); {self.coverage:.1%}"
+                " of its parameters are in quantized layers"
+            )
+        if self.size_mb_after > self.size_mb_before:
+            found.append(
+                f"the quantized model is larger than the float one ({self.size_mb_after:.3f} against "
+                f"{self.size_mb_before:.3f} MB): its quantized layers are too small for the packed format's overhead "
+                "to pay off"
+            )
+        return found
+
 
 def compare(
     float_model: nn.Module,

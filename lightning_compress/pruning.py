@@ -294,6 +294,8 @@ class MagnitudePruning(Callback):
         if self._pending_state is not None:
             self._restore(self._pending_state)
             self._pending_state = None
+        else:
+            self._last_index = None  # a new fit, not a resumed one: its schedule starts over (masks only grow)
         if self._masks is None:
             self._masks = [mask_engine.new_mask(w) for w in self._weights]
         else:

@@ -268,7 +268,8 @@ class DynamicQuantization(Callback):
         self.quantized_model, self.comparison, self.results = quantized, comparison, results
         self.quantized_layers, self.stage_seconds = names, stages
         report.log_to_loggers(trainer, results)
-        self._warn_about_regressions(comparison)
+        for regression in comparison.regressions():
+            rank_zero_warn(f"DynamicQuantization: {regression}.")
         rank_zero_info(
             report.summary_table(
                 results,
@@ -409,21 +410,6 @@ class DynamicQuantization(Callback):
         quantized_overall, quantized_layers = measure.sparsity_by_name({n: quantized_weights[n] for n in pruned})
         self.layer_sparsity = {n: (float_layers[n], quantized_layers[n]) for n in pruned}
         return {report.SPARSITY_BEFORE: float_overall, report.SPARSITY_AFTER: quantized_overall} if pruned else {}
-
-    def _warn_about_regressions(self, comparison: pipeline.Comparison) -> None:
-        speedup = comparison.speedup
-        if speedup is not None and speedup < 1:
-            rank_zero_warn(
-                f"DynamicQuantization: the quantized model is slower than the float one on this machine "
-                f"({comparison.latency_after.median_ms:.3f} against {comparison.latency_before.median_ms:.3f} ms per "
-                f"batch, {speedup:.2f}x); {comparison.coverage:.1%} of its parameters are in quantized layers."
-            )
-        if comparison.size_mb_after > comparison.size_mb_before:
-            rank_zero_warn(
-                f"DynamicQuantization: the quantized model is larger than the float one ({comparison.size_mb_after:.3f}"
-                f" against {comparison.size_mb_before:.3f} MB): its quantized layers are too small for the packed "
-                "format's overhead to pay off."
-            )
 
 
 @contextlib.contextmanager

@@ -1,11 +1,7 @@
 import sys
 import warnings
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
 
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 

@@ -11,11 +11,9 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from helpers import DigitsDataModule, DigitsMLP  # beside this script, which Python puts first on sys.path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from digits import DigitsDataModule, DigitsMLP  # noqa: E402
-
-from lightning_compress import MagnitudePruning  # noqa: E402
+from lightning_compress import MagnitudePruning
 
 
 def main(out_dir: Path, method: str, quantize: bool, monitor: str | None = None) -> None:

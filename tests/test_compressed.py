@@ -83,7 +83,7 @@ def test_other_files_are_refused(tmp_path):
 
 def test_dynamic_quantization_compress_logs_the_compressed_size(quiet_trainer_kwargs, tmp_path):
     import lightning.pytorch as pl
-    from digits import DigitsDataModule, DigitsMLP
+    from helpers import DigitsDataModule, DigitsMLP
 
     from lightning_compress import DynamicQuantization, MagnitudePruning
 

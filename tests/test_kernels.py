@@ -1,8 +1,7 @@
 import lightning.pytorch as pl
 import pytest
 import torch
-from digits import DigitsDataModule, DigitsMLP
-from helpers import pruned_mlp
+from helpers import DigitsDataModule, DigitsMLP, pruned_mlp
 from torch import nn
 
 from lightning_compress import DynamicQuantization, MagnitudePruning, load_quantized

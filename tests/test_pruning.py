@@ -5,8 +5,7 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
-from digits import DigitsDataModule, DigitsLSTM, DigitsMLP
-from helpers import Probe
+from helpers import DigitsDataModule, DigitsLSTM, DigitsMLP, Probe
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
@@ -123,13 +122,16 @@ def test_manual_optimization(quiet_trainer_kwargs):
 def test_methods_reach_the_amount_exactly(quiet_trainer_kwargs, kwargs, structured):
     pruning = MagnitudePruning(amount=0.5, **kwargs)
     _, model = _fit([pruning], quiet_trainer_kwargs, max_epochs=2)
-    for i in (0, 2, 4):
-        w = model.net[i].weight
-        if structured:
-            zero_rows = int((w.abs().sum(dim=1) == 0).sum())
-            assert zero_rows == round(0.5 * w.shape[0])
-        elif kwargs.get("scope") == "layerwise":
+    weights = [model.net[i].weight for i in (0, 2, 4)]
+    if structured:  # per tensor: round(0.5 * rows) whole rows
+        for w in weights:
+            assert int((w.abs().sum(dim=1) == 0).sum()) == round(0.5 * w.shape[0])
+    elif pruning.scope == "layerwise":  # per tensor: round(0.5 * n) entries
+        for w in weights:
             assert int((w == 0).sum()) == round(0.5 * w.numel())
+    else:  # global (random_unstructured): round(0.5 * n) entries over all tensors together
+        assert pruning.scope == "global"
+        assert sum(int((w == 0).sum()) for w in weights) == round(0.5 * sum(w.numel() for w in weights))
 
 
 def test_lstm_weights_are_pruned(quiet_trainer_kwargs):
@@ -307,14 +309,12 @@ def test_structured_dim_out_of_range_fails_at_setup(quiet_trainer_kwargs):
     _fails_before_training(MagnitudePruning(method="ln_structured", dim=2), quiet_trainer_kwargs, "dim=2", max_epochs=1)
 
 
-def test_sharded_strategy_fails_at_setup(quiet_trainer_kwargs):
-    from lightning.pytorch.strategies import FSDPStrategy
+def test_sharded_strategy_fails_at_setup():
+    from lightning.pytorch.strategies import ModelParallelStrategy
 
-    pruning = MagnitudePruning()
-    trainer = pl.Trainer(max_epochs=1, **quiet_trainer_kwargs)
-    trainer.strategy.__class__ = FSDPStrategy  # constructing FSDP itself needs a GPU/process group
-    with pytest.raises(ValueError, match="single-device and DDP strategies; got FSDPStrategy"):
-        pruning.setup(trainer, DigitsMLP(hidden=8), "fit")
+    trainer = pl.Trainer(strategy=ModelParallelStrategy(), accelerator="cpu", devices=1, logger=False)
+    with pytest.raises(ValueError, match="single-device and DDP strategies; got ModelParallelStrategy"):
+        MagnitudePruning().setup(trainer, DigitsMLP(hidden=8), "fit")
 
 
 def test_end_beyond_training_warns(quiet_trainer_kwargs):
@@ -322,11 +322,17 @@ def test_end_beyond_training_warns(quiet_trainer_kwargs):
         _fit([MagnitudePruning(amount=0.5, end=10)], quiet_trainer_kwargs, max_epochs=2)
 
 
-def test_copy_of_callback_is_independent():
-    pruning = MagnitudePruning(amount=0.5)
+def test_copy_of_a_trained_callback_is_independent(quiet_trainer_kwargs):
+    pruning = MagnitudePruning(amount=0.5, schedule="constant", make_permanent=False)
+    _fit([pruning], quiet_trainer_kwargs, max_epochs=1)
+    before = {name: mask.clone() for name, mask in pruning.masks.items()}
     clone = copy.deepcopy(pruning)
-    assert clone.state_key == pruning.state_key and clone is not pruning
-    assert math.isclose(clone.amount, 0.5)
+    assert clone.state_key == pruning.state_key
+    clone.amount = 0.9
+    _fit([clone], quiet_trainer_kwargs, max_epochs=1)  # the copy goes on pruning another model, further
+    assert sum(int((~m).sum()) for m in clone.masks.values()) > sum(int((~m).sum()) for m in before.values())
+    assert math.isclose(pruning.amount, 0.5)
+    assert all(torch.equal(pruning.masks[name], before[name]) for name in before)
 
 
 def test_ln_structured_on_a_one_dimensional_parameter_fails_before_training(quiet_trainer_kwargs):

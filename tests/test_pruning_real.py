@@ -7,8 +7,16 @@ import logging
 import lightning.pytorch as pl
 import pytest
 import torch
-from digits import DigitsDataModule, DigitsMLP
-from helpers import ConfiguredMLP, DemoTransformer, Probe, TiedLM, expected_fraction, zero_fraction
+from helpers import (
+    ConfiguredMLP,
+    DemoTransformer,
+    DigitsDataModule,
+    DigitsMLP,
+    Probe,
+    TiedLM,
+    expected_fraction,
+    zero_fraction,
+)
 from lightning.pytorch.callbacks import (
     Callback,
     EarlyStopping,

@@ -5,7 +5,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torchmetrics
-from digits import DigitsDataModule, DigitsLSTM, DigitsMLP
+from helpers import DigitsDataModule, DigitsLSTM, DigitsMLP
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn

@@ -10,8 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchmetrics
-from digits import DigitsDataModule, DigitsMLP
-from helpers import BertClassifier, DemoTransformer, sentences
+from helpers import BertClassifier, DemoTransformer, DigitsDataModule, DigitsMLP, sentences
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.loggers import CSVLogger
