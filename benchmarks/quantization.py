@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import io
 import statistics
 import sys
 import warnings
@@ -25,14 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from digits import DigitsLSTM, DigitsMLP  # noqa: E402
 
 from lightning_compress.backends import quantize_dynamic_copy  # noqa: E402
+from lightning_compress.measure import serialized_size_bytes  # noqa: E402
 
 warnings.filterwarnings("ignore")
 
 
 def size_mb(model: nn.Module) -> float:
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    return buffer.getbuffer().nbytes / 1e6
+    return serialized_size_bytes(model) / 1e6
 
 
 def torchao_int8(model: nn.Module) -> nn.Module | None:

@@ -1,11 +1,10 @@
 """The quantization backend seam: one small function that turns a float model into a dynamically quantized copy.
 
-Today's backend is ``torch.ao.quantization.quantize_dynamic``. Why, measured on this CPU (see
-``benchmarks/README.md``): it is the only dynamic path in torch 2.13 that covers LSTM/GRU/RNN cells as well as
-Linear, and its fbgemm int8 kernels run several times faster than fp32 in eager mode; torchao's
-``Int8DynamicActivationInt8WeightConfig`` covers Linear only and is slower than fp32 in eager mode here (it pays
-off only after ``torch.compile``). torch.ao is deprecated in favour of torchao, so it stays behind this seam:
-when torchao is the better CPU path, only this module changes, not the public API.
+Today's backend is ``torch.ao.quantization.quantize_dynamic``. Why (figures in ``benchmarks/README.md``): it is
+the only dynamic path in torch 2.13 that covers LSTM/GRU/RNN cells as well as Linear, and its fbgemm int8 kernels
+beat fp32 in eager mode on our CPU machines; torchao's ``Int8DynamicActivationInt8WeightConfig`` covers Linear
+only and pays off only after ``torch.compile`` there. torch.ao is deprecated in favour of torchao, so it stays
+behind this seam: when torchao is the better CPU path, only this module changes, not the public API.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Per-layer kernel choice for pruned Linear layers: quantized dense, float32 sparse (CSR), or float32 dense.
 
-On this CPU a CSR matmul beats dense float32 from about 75% sparsity, while dynamic int8 dense is several times
-faster than float32 at any sparsity; which one wins for a layer depends on its shape, its sparsity and the batch.
+A CSR matmul can beat dense float32 at high sparsity, and dynamic int8 dense usually beats float32 at any sparsity
+(figures in ``benchmarks/README.md``); which one wins for a layer depends on its shape, its sparsity, the batch
+and the machine.
 So each layer's candidates are timed on the activations that a real batch produces at that layer, and the fastest
 is kept. Plain PyTorch: usable without a Trainer.
 """
@@ -29,7 +30,8 @@ FLOAT_DENSE = "fp32 dense"
 class SparseLinear(nn.Module):
     """A Linear layer whose weight is a float32 CSR tensor: ``y = (W_csr @ x^T)^T + b``.
 
-    ``W_csr @ x^T`` is used rather than ``F.linear(x, W_csr)``, which is about 6x slower on this CPU (measured).
+    ``W_csr @ x^T`` is used rather than ``F.linear(x, W_csr)``, which was several times slower where we measured
+    (see ``DESIGN.md``).
     """
 
     def __init__(self, linear: nn.Linear) -> None:

@@ -262,6 +262,9 @@ def test_max_steps_bounds_the_epoch_schedule(quiet_trainer_kwargs):
         (dict(norm=0), "`norm`"),
         (dict(parameters=[1]), "`parameters`"),
         (dict(seed=1.5), "`seed`"),
+        (dict(make_permanent="yes"), "`make_permanent` must be True or False"),
+        (dict(modules=[torch.nn.ReLU, "Linear"]), "`modules` must be None or a non-empty list of torch.nn.Module"),
+        (dict(modules=[]), "`modules`"),
     ],
 )
 def test_bad_settings_fail_at_construction(kwargs, message):

@@ -210,6 +210,11 @@ def test_no_torch_internal_warnings_leak_but_user_warnings_do(quiet_trainer_kwar
         (dict(modules={nn.ReLU, nn.Linear}), "ReLU"),
         (dict(modules=set()), "empty list"),
         (dict(metric="accuracy"), "`metric` must be a torchmetrics.Metric"),
+        (dict(evaluate="no"), "`evaluate` must be True or False"),
+        (dict(baseline_accuracy="0.9"), "`baseline_accuracy` must be None or a number"),
+        (dict(monitor=""), "`monitor` must be None or the name of a logged metric"),
+        (dict(exclude=[nn.Linear]), "`exclude` must be a list of glob patterns"),
+        (dict(dataloader="batches"), "`dataloader` must be an iterable"),
     ],
 )
 def test_bad_settings_fail_at_construction(kwargs, message):

@@ -21,6 +21,7 @@ def _metrics_csv(tmp_path):
 
 
 def test_plot_metrics_writes_a_png_beside_the_metrics(tmp_path):
+    pytest.importorskip("matplotlib")  # the [plot] extra
     out = report.plot_metrics(_metrics_csv(tmp_path))
     assert out == tmp_path / "sparsity.png"
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -35,3 +36,11 @@ def test_plot_without_matplotlib_says_how_to_get_it(tmp_path, monkeypatch):
 def test_summary_table_without_pruning_or_evaluation():
     table = report.summary_table({report.SIZE_BEFORE: 4.0, report.SIZE_AFTER: 1.0}, "qint8")
     assert "4.00x" in table and "accuracy" not in table and "sparsity" not in table
+
+
+def test_plot_metrics_on_a_missing_file_says_which_loggers_write_one(tmp_path):
+    pytest.importorskip("matplotlib")
+    with pytest.raises(
+        FileNotFoundError, match="reads a CSVLogger's metrics.csv.*MagnitudePruning writes sparsity.png"
+    ):
+        report.plot_metrics(tmp_path / "lightning_logs" / "version_0" / "metrics.csv")
