@@ -21,3 +21,11 @@ class PruningCallback(Protocol):
     def pruned_parameter_names(self) -> list[str]:
         """Names of the pruned parameters, as in ``LightningModule.named_parameters()``, known by ``on_fit_end``."""
         ...
+
+
+@runtime_checkable
+class SummaryLines(Protocol):
+    """Optional: a callback whose lines ``DynamicQuantization`` adds to its end-of-fit summary table (for
+    ``MagnitudePruning``, the accuracy guard's baseline, budget, last value and outcome)."""
+
+    def summary_lines(self) -> list[str]: ...

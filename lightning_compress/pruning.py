@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from lightning_compress import compat, measure, report
 from lightning_compress import masks as mask_engine
+from lightning_compress.guard import HOLD, RAISE, ROLL_BACK, AccuracyGuard
 from lightning_compress.schedules import is_update_index, target_sparsity, validate_schedule
 from lightning_compress.selection import largest_unselected, matrix_numel, parameter_aliases, select_parameters
 
@@ -24,7 +25,22 @@ SCOPES = ("global", "layerwise")
 INTERVALS = ("epoch", "step")
 _STATE_VERSION = 2
 # What a checkpoint remembers of the settings, to say what changed when a run resumes with others.
-_SETTINGS = ("amount", "schedule", "start", "end", "interval", "frequency", "method", "scope", "norm", "dim")
+_SETTINGS = (
+    "amount",
+    "schedule",
+    "start",
+    "end",
+    "interval",
+    "frequency",
+    "method",
+    "scope",
+    "norm",
+    "dim",
+    "monitor",
+    "mode",
+    "max_drop",
+    "patience",
+)
 
 
 class MagnitudePruning(Callback):
@@ -68,6 +84,18 @@ class MagnitudePruning(Callback):
             ``False`` keeps them and a later ``fit`` keeps enforcing (and growing) them. The weights are plain
             and sparse either way.
         seed: seed of the generator of ``random_unstructured``; ``None`` draws one on rank zero and shares it.
+        monitor: a metric the LightningModule logs during validation (e.g. ``"val_acc"``), as in ModelCheckpoint:
+            the accuracy guard's metric (with ``max_drop``), and the metric drawn beside sparsity in the plot.
+        mode: ``"max"`` (higher is better) or ``"min"`` for ``monitor``.
+        max_drop: the accuracy budget: the largest allowed degradation of ``monitor`` from the dense baseline, in the
+            metric's own units (``0.01`` = one point of accuracy). ``None``: no guard (and no snapshot).
+        patience: how many validations out of budget, at consecutive updates, before pruning rolls back.
+        baseline: the dense baseline of ``monitor``; ``None``: the best value validated before pruning starts.
+
+    With ``max_drop``, an update that would raise the sparsity while the latest ``monitor`` value is outside the
+    budget is held (retried at the next scheduled epoch or step); after ``patience`` such validations the weights
+    and masks of the last update made within budget are restored and sparsity is raised no more (see
+    :mod:`lightning_compress.guard`).
 
     Logged at each update and at the end of training, to every logger of the trainer: ``pruning/sparsity``
     (measured fraction of exact zeros over the selected weights), ``pruning/target``, ``pruning/coverage``
@@ -91,6 +119,11 @@ class MagnitudePruning(Callback):
         modules: Sequence[type[nn.Module]] | None = None,
         make_permanent: bool = True,
         seed: int | None = None,
+        monitor: str | None = None,
+        mode: Literal["max", "min"] = "max",
+        max_drop: float | None = None,
+        patience: int = 1,
+        baseline: float | None = None,
     ) -> None:
         super().__init__()
         if isinstance(amount, bool) or not isinstance(amount, numbers.Real) or not 0 <= amount < 1:
@@ -135,6 +168,12 @@ class MagnitudePruning(Callback):
             raise ValueError(f"`make_permanent` must be True or False, got {make_permanent!r}")
         if seed is not None and not _is_int(seed):
             raise ValueError(f"`seed` must be None or an integer, got {seed!r}")
+        if monitor is not None and (not isinstance(monitor, str) or not monitor):
+            raise ValueError(f"`monitor` must be None or the name of a metric logged in validation, got {monitor!r}")
+        if max_drop is not None and monitor is None:
+            raise ValueError("`max_drop` needs `monitor`: the validation metric whose drop it bounds, e.g. 'val_acc'")
+        guard = AccuracyGuard(0.0 if max_drop is None else max_drop, mode, patience, baseline)  # checks every value
+        self._guard = guard if max_drop is not None else None
 
         self.amount = float(amount)
         self.start = int(start)
@@ -150,6 +189,11 @@ class MagnitudePruning(Callback):
         self.modules = list(modules) if modules is not None else None
         self.make_permanent = make_permanent
         self.seed = seed
+        self.monitor = monitor
+        self.mode = mode
+        self.max_drop = max_drop
+        self.patience = patience
+        self.baseline = baseline
 
         self._names: list[str] = []
         self._aliases: dict[str, list[str]] = {}
@@ -166,6 +210,9 @@ class MagnitudePruning(Callback):
         self._monitored: list[tuple[float, float]] = []
         self._monitor_key: str | None = None
         self._unselected: list[tuple[str, int]] = []
+        self._targets: list[float] = []  # with the guard: the schedule's targets in order, consumed one by one
+        self._position = 0
+        self._snapshot: dict[str, Any] | None = None
 
     @property
     def state_key(self) -> str:
@@ -206,6 +253,11 @@ class MagnitudePruning(Callback):
     def history(self) -> list[dict[str, float]]:
         """One entry per mask update and at the end of training: epoch, step, index, target, measured sparsity."""
         return list(self._history)
+
+    @property
+    def guard(self) -> AccuracyGuard | None:
+        """The accuracy guard (baseline, latest value, held updates, rollback), with ``max_drop``; else ``None``."""
+        return self._guard
 
     @property
     def coverage(self) -> float:
@@ -303,9 +355,35 @@ class MagnitudePruning(Callback):
         mask_engine.apply_masks(self._weights, self._masks)
         self._resolved_end = self._resolve_end(trainer)
         self._check_schedule_values()
+        if self._guard is not None:
+            self._prepare_guard(trainer)
         self._remove_hooks()
         for optimizer in trainer.optimizers:
             self._hook_handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
+
+    def _prepare_guard(self, trainer: pl.Trainer) -> None:
+        """The schedule's targets in order; fail now if no baseline can exist before the first pruning update."""
+        indices = [
+            i
+            for i in range(self.start, self._resolved_end + 1)
+            if is_update_index(i, self.start, self._resolved_end, self.frequency)
+        ]
+        self._targets = [
+            target_sparsity(self.schedule, i, self.amount, self.start, self._resolved_end) for i in indices
+        ]
+        if self._guard.baseline is not None:
+            return
+        first = next((i for i, t in zip(indices, self._targets) if t > 0), None)
+        if not compat.has_val_data(trainer) or first == 0:
+            why = (
+                "there is no validation data"
+                if not compat.has_val_data(trainer)
+                else (f"the first pruning update is at {self.interval} 0, before any validation")
+            )
+            raise ValueError(
+                f"MagnitudePruning(max_drop={self.max_drop}) needs a dense baseline of {self.monitor!r}, but {why}. "
+                "Start pruning later (`start=1`: epoch 0 trains and validates the dense model), or pass `baseline=`."
+            )
 
     def _resolve_end(self, trainer: pl.Trainer) -> int:
         last = self._last_index_of_training(trainer)
@@ -363,6 +441,9 @@ class MagnitudePruning(Callback):
         mask_engine.apply_masks(self._weights, self._masks)
 
     def _maybe_update(self, trainer: pl.Trainer, index: int) -> None:
+        if self._guard is not None:
+            self._maybe_guarded_update(trainer, index)
+            return
         if index == self._last_index or not is_update_index(index, self.start, self._resolved_end, self.frequency):
             return
         first = self._last_index is None and not self._history
@@ -373,6 +454,75 @@ class MagnitudePruning(Callback):
         if first:
             self._describe_selection()
         self._report(trainer, f"{self.interval} {index}", index)
+
+    def _maybe_guarded_update(self, trainer: pl.Trainer, index: int) -> None:
+        """The next target of the schedule, raised only while the guard allows; held ones are retried at the next
+        scheduled index, after ``end`` too (every ``frequency``), until the schedule is done or rolled back."""
+        scheduled = is_update_index(index, self.start, self._resolved_end, self.frequency) or (
+            index > self._resolved_end and (index - self.start) % self.frequency == 0
+        )
+        if index == self._last_index or not scheduled:
+            return
+        first = self._last_index is None and not self._history
+        self._last_index = index
+        done = self._position >= len(self._targets)
+        target = self._last_target if done else self._targets[self._position]
+        decision = self._guard.decide(wants_to_raise=target > self._last_target)
+        if done and decision in (RAISE, HOLD):
+            return  # the schedule is done: only a rollback changes anything now
+        if decision == RAISE:
+            if target > self._last_target:
+                self._take_snapshot()
+            self._update_masks(target)
+            self._last_target = target
+            self._position += 1
+        elif decision == HOLD:
+            rank_zero_info(
+                f"MagnitudePruning [{self.interval} {index}]: {self.monitor}={self._guard.latest:.4f} is outside the "
+                f"budget (baseline {self._guard.baseline:.4f}, max_drop {self.max_drop:g}): holding at "
+                f"{self._last_target:.2%}, retrying {target:.2%} at the next update"
+            )
+        elif decision == ROLL_BACK:
+            self._roll_back()
+        else:  # held with nothing to raise, or stopped after a rollback
+            return
+        if first:
+            self._describe_selection()
+        self._report(trainer, f"{self.interval} {index}", index)
+
+    def _roll_back(self) -> None:
+        self._restore_snapshot()
+        rank_zero_warn(
+            f"MagnitudePruning: {self.monitor} stayed outside the budget for {self.patience} validation(s) "
+            f"(last {self._guard.latest:.4f}, baseline {self._guard.baseline:.4f}, max_drop {self.max_drop:g}): "
+            f"rolled back to the weights and masks of the last update within budget ({self._last_target:.2%} "
+            "sparsity), and sparsity is raised no more in this fit."
+        )
+
+    def _take_snapshot(self) -> None:
+        """Weights and masks as they are now, validated within budget: on the CPU, the kept values only once more
+        than half is pruned (dense below that, where a sparse copy would cost more)."""
+        keep = [(m != 0).cpu() for m in self._masks]
+        pruned = sum(int((~k).sum()) for k in keep) / sum(k.numel() for k in keep)
+        sparse = pruned > 0.5
+        values = [
+            w.detach()[k.to(w.device)].cpu() if sparse else w.detach().cpu().clone()
+            for w, k in zip(self._weights, keep)
+        ]
+        self._snapshot = {"keep": keep, "values": values, "sparse": sparse, "target": self._last_target}
+
+    def _restore_snapshot(self) -> None:
+        snapshot = self._snapshot
+        with torch.no_grad():
+            for i, (w, keep, values) in enumerate(zip(self._weights, snapshot["keep"], snapshot["values"])):
+                if snapshot["sparse"]:
+                    w.zero_()
+                    w[keep.to(w.device)] = values.to(device=w.device, dtype=w.dtype)
+                else:
+                    w.copy_(values)
+                self._masks[i] = mask_engine.mask_from_bool(keep, w)
+        mask_engine.apply_masks(self._weights, self._masks)
+        self._last_target = snapshot["target"]
 
     def _describe_selection(self) -> None:
         n = sum(w.numel() for w in self._weights)
@@ -403,6 +553,9 @@ class MagnitudePruning(Callback):
         metrics = self.measured_sparsity()
         metrics[report.TARGET] = self._last_target
         metrics[report.COVERAGE] = self._coverage
+        if self._guard is not None:
+            metrics[report.GUARD_HELD] = float(self._guard.held)
+            metrics[report.GUARD_ROLLED_BACK] = float(self._guard.rolled_back)
         report.log_to_loggers(trainer, metrics)
         self._history.append(
             {
@@ -421,33 +574,58 @@ class MagnitudePruning(Callback):
 
     # ------------------------------------------------------------------ validation: what the plot shows
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.monitor is not None and self.monitor not in trainer.callback_metrics:
+            # at the first validation (the sanity check's, when there is one), before any weight is pruned
+            raise ValueError(
+                f"MagnitudePruning(monitor={self.monitor!r}): the module's validation logged no such metric. "
+                f"Logged: {sorted(trainer.callback_metrics)}"
+            )
         if trainer.sanity_checking or self._masks is None:
             return
-        key = self._monitor_key or report.monitored_metric_name(trainer)
+        key = self.monitor or self._monitor_key or report.monitored_metric_name(trainer)
         value = trainer.callback_metrics.get(key) if key else None
-        if value is not None:
-            self._monitor_key = key
-            self._monitored.append((trainer.current_epoch, float(value)))
+        if value is None:
+            return
+        # every rank decides alike: rank zero's value, whether or not the metric was logged with sync_dist
+        value = float(trainer.strategy.broadcast(float(value), src=0))
+        self._monitor_key = key
+        self._monitored.append((trainer.current_epoch, value))
+        if self._guard is not None:
+            self._guard.observe(value)
 
     # ------------------------------------------------------------------ end of training
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._remove_hooks()
         if self._masks is None:
             return
+        if self._guard is not None and self._guard.decide(wants_to_raise=False) == ROLL_BACK:
+            self._roll_back()  # the last validation broke the budget: end within it
         mask_engine.apply_masks(self._weights, self._masks)  # after SWA/EMA wrote their averages (see setup)
         self._report(trainer, "end of training", None)
+        for line in self.summary_lines():
+            rank_zero_info(f"MagnitudePruning: {line}")
         self._warn_if_schedule_unfinished(trainer)
         report.write_schedule_plot(trainer, self._history, self._monitored, self._monitor_key)
         if self.make_permanent:
             self._masks = None
             self._last_index = None
 
+    def summary_lines(self) -> list[str]:
+        """Lines for end-of-fit summaries (``DynamicQuantization``'s table includes them): the accuracy guard's
+        baseline, budget, last value, held updates and rollback, when it is on."""
+        if self._guard is None:
+            return []
+        reached = f"; sparsity reached {self._history[-1]['sparsity']:.2%}" if self._history else ""
+        return [self._guard.describe(self.monitor) + reached]
+
     def _warn_if_schedule_unfinished(self, trainer: pl.Trainer) -> None:
         final = target_sparsity(self.schedule, self._resolved_end, self.amount, self.start, self._resolved_end)
-        if self._last_target >= final:
-            return
+        if self._last_target >= final or (self._guard is not None and self._guard.rolled_back):
+            return  # a rollback was warned about when it happened
         reached = self._history[-1]["sparsity"]
         why = report.why_training_stopped(trainer) or "training ended before the schedule did"
+        if self._guard is not None and self._guard.held:
+            why += f" (the accuracy guard held {self._guard.held} update(s))"
         rank_zero_warn(
             f"MagnitudePruning reached {reached:.2%} sparsity, not the final target {final:.2%}: {why}. The "
             f"schedule ends at {self.interval} {self._resolved_end}; set `end` to a {self.interval} that training "
@@ -487,7 +665,18 @@ class MagnitudePruning(Callback):
             "generator": self._generator.get_state() if self._generator is not None else None,
             "masks": None,
             "settings": self._settings(),
+            "guard": self._guard.state_dict() if self._guard is not None else None,
+            "position": self._position,
+            "snapshot": None,
         }
+        if self._snapshot is not None:
+            snapshot = self._snapshot
+            state["snapshot"] = {
+                "keep": dict(zip(self._names, snapshot["keep"])),
+                "values": dict(zip(self._names, snapshot["values"])),
+                "sparse": snapshot["sparse"],
+                "target": snapshot["target"],
+            }
         if self._masks is not None:
             state["masks"] = {name: (m != 0).cpu() for name, m in zip(self._names, self._masks)}
         return state
@@ -515,6 +704,17 @@ class MagnitudePruning(Callback):
             )
         self._last_index = state["last_index"]
         self._last_target = state["last_target"]
+        self._position = state.get("position", 0)
+        if self._guard is not None and state.get("guard") is not None:
+            self._guard.load_state_dict(state["guard"])
+        saved_snapshot = state.get("snapshot")
+        if saved_snapshot is not None:
+            self._snapshot = {
+                "keep": [saved_snapshot["keep"][n] for n in self._names],
+                "values": [saved_snapshot["values"][n] for n in self._names],
+                "sparse": saved_snapshot["sparse"],
+                "target": saved_snapshot["target"],
+            }
         if state["generator"] is not None:
             self._generator = torch.Generator()
             self._generator.set_state(state["generator"])

@@ -29,7 +29,7 @@ from lightning_compress.artifact import save_compressed, save_quantized
 from lightning_compress.backends import DTYPES, SUPPORTED_MODULES
 from lightning_compress.inputs import ModelInput, capture_inputs
 from lightning_compress.kernels import KernelChoice, build_with_kernels, choose_linear_kernels
-from lightning_compress.protocols import PruningCallback
+from lightning_compress.protocols import PruningCallback, SummaryLines
 
 #: Latency is timed on (up to) this many evaluation batches.
 LATENCY_BATCHES = 32
@@ -281,6 +281,7 @@ class DynamicQuantization(Callback):
                 headline=headline,
                 comparison=comparison,
                 stage_seconds=stages,
+                notes=[line for c in trainer.callbacks if isinstance(c, SummaryLines) for line in c.summary_lines()],
             )
         )
 

@@ -14,6 +14,8 @@ SPARSITY = "pruning/sparsity"
 TARGET = "pruning/target"
 SPARSITY_PREFIX = "pruning/sparsity/"
 COVERAGE = "pruning/coverage"
+GUARD_HELD = "pruning/guard/held"
+GUARD_ROLLED_BACK = "pruning/guard/rolled_back"
 
 
 def log_to_loggers(trainer: pl.Trainer, metrics: Mapping[str, float]) -> None:
@@ -53,6 +55,7 @@ def summary_table(
     headline: str | None = None,
     comparison: Any = None,
     stage_seconds: Mapping[str, float] | None = None,
+    notes: Sequence[str] = (),
 ) -> str:
     """The end-of-fit summary: sparsity per layer and overall, the metrics (the headline one first), size and
     latency, float vs quantized, with coverage, notes and how long each stage took.
@@ -121,6 +124,7 @@ def summary_table(
             f"  kernel {name} ({choice.sparsity:.0%} zeros): {choice.chosen}, {choice.speedup:.2f}x fp32 dense "
             f"[ms: {times}]{close}"
         )
+    lines.extend(f"  {note}" for note in notes)
     if stage_seconds:
         lines.append("  time: " + ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in stage_seconds.items()))
     if save_path:

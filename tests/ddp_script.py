@@ -18,7 +18,10 @@ from lightning_compress import MagnitudePruning
 
 def main(out_dir: Path, method: str, quantize: bool, monitor: str | None = None) -> None:
     pl.seed_everything(0, verbose=False)
-    pruning = MagnitudePruning(amount=0.7, method=method, make_permanent=False)
+    # "guard": l1 with an accuracy budget of 0, so that holds or a rollback happen and every rank must agree
+    guard = dict(start=1, monitor="val_acc", max_drop=0.0) if method == "guard" else {}
+    method = "l1_unstructured" if method == "guard" else method
+    pruning = MagnitudePruning(amount=0.7, method=method, make_permanent=False, **guard)
     callbacks = [pruning]
     quant = None
     if quantize:
@@ -43,6 +46,7 @@ def main(out_dir: Path, method: str, quantize: bool, monitor: str | None = None)
         {
             "state_dict": model.state_dict(),
             "masks": pruning.masks,
+            "guard": pruning.summary_lines(),
             "quantized": quant is not None and quant.quantized_model is not None,
             "is_global_zero": trainer.is_global_zero,
         },
