@@ -232,6 +232,23 @@ class BertClassifier(pl.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=2e-3)
 
 
+def assert_fails_before_training(trainer_kwargs, callbacks, model, match, **fit_kwargs) -> None:
+    """``trainer.fit`` raises a ValueError matching ``match`` before the first training batch starts."""
+    import pytest
+
+    started = []
+
+    class FirstBatch(Callback):
+        def on_train_batch_start(self, *args):
+            started.append(True)
+
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(callbacks=[*callbacks, FirstBatch()], **{"max_epochs": 1, **trainer_kwargs})
+    with pytest.raises(ValueError, match=match):
+        trainer.fit(model, **fit_kwargs)
+    assert not started, "training started before the error"
+
+
 def zero_fraction(tensors) -> float:
     tensors = list(tensors)
     return sum(int((t == 0).sum()) for t in tensors) / sum(t.numel() for t in tensors)

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchmetrics
-from helpers import DigitsDataModule, DigitsMLP, Probe
+from helpers import DigitsDataModule, DigitsMLP, Probe, assert_fails_before_training
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_compress import DynamicQuantization, MagnitudePruning
@@ -226,17 +226,13 @@ def test_resume_mid_schedule_with_the_guard_equals_an_uninterrupted_run(quiet_tr
 
 
 def test_a_missing_baseline_fails_before_the_first_step(quiet_trainer_kwargs):
-    started = []
-
-    class Watch(Callback):
-        def on_train_batch_start(self, *args):
-            started.append(True)
-
-    pruning = MagnitudePruning(amount=0.5, schedule="constant", monitor="val_acc", max_drop=0.02)
-    trainer = pl.Trainer(max_epochs=2, callbacks=[pruning, Watch()], **quiet_trainer_kwargs)
-    with pytest.raises(ValueError, match="needs a dense baseline of 'val_acc'.*epoch 0.*`start=1`.*`baseline=`"):
-        trainer.fit(DigitsMLP(hidden=16), datamodule=DigitsDataModule())
-    assert not started
+    assert_fails_before_training(
+        {**quiet_trainer_kwargs, "max_epochs": 2},
+        [MagnitudePruning(amount=0.5, schedule="constant", monitor="val_acc", max_drop=0.02)],
+        DigitsMLP(hidden=16),
+        "needs a dense baseline of 'val_acc'.*epoch 0.*`start=1`.*`baseline=`",
+        datamodule=DigitsDataModule(),
+    )
     # with a baseline given, the same settings train
     given = MagnitudePruning(amount=0.5, schedule="constant", monitor="val_acc", max_drop=0.5, baseline=0.9)
     pl.Trainer(max_epochs=1, callbacks=[given], **quiet_trainer_kwargs).fit(

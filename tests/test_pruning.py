@@ -5,7 +5,7 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import DigitsDataModule, DigitsLSTM, DigitsMLP, Probe
+from helpers import DigitsDataModule, DigitsLSTM, DigitsMLP, Probe, assert_fails_before_training
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
@@ -273,17 +273,13 @@ def test_bad_settings_fail_at_construction(kwargs, message):
 
 
 def _fails_before_training(callback, quiet_trainer_kwargs, match, **trainer_kwargs):
-    started = []
-
-    class Watch(Callback):
-        def on_train_batch_start(self, *args):
-            started.append(True)
-
-    pl.seed_everything(0, verbose=False)
-    trainer = pl.Trainer(callbacks=[callback, Watch()], **{**quiet_trainer_kwargs, **trainer_kwargs})
-    with pytest.raises(ValueError, match=match):
-        trainer.fit(DigitsMLP(hidden=16), datamodule=DigitsDataModule())
-    assert not started
+    assert_fails_before_training(
+        {**quiet_trainer_kwargs, **trainer_kwargs},
+        [callback],
+        DigitsMLP(hidden=16),
+        match,
+        datamodule=DigitsDataModule(),
+    )
 
 
 def test_pattern_matching_nothing_fails_at_setup_listing_names(quiet_trainer_kwargs):

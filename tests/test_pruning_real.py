@@ -14,6 +14,7 @@ from helpers import (
     DigitsMLP,
     Probe,
     TiedLM,
+    assert_fails_before_training,
     expected_fraction,
     zero_fraction,
 )
@@ -215,16 +216,14 @@ def test_resume_with_another_selection_is_refused_before_training(quiet_trainer_
     kwargs = {**quiet_trainer_kwargs, "enable_checkpointing": True}
     callbacks = [MagnitudePruning(amount=0.5), ModelCheckpoint(dirpath=tmp_path, save_last=True)]
     _trainer(kwargs, callbacks, max_epochs=1).fit(DigitsMLP(hidden=32), datamodule=DigitsDataModule())
-    started = []
-
-    class Watch(Callback):
-        def on_train_batch_start(self, *args):
-            started.append(True)
-
-    trainer = _trainer(quiet_trainer_kwargs, [MagnitudePruning(amount=0.5, exclude=["net.4.weight"]), Watch()])
-    with pytest.raises(ValueError, match="selects other parameters.*same `parameters`, `exclude` and `modules`"):
-        trainer.fit(DigitsMLP(hidden=32), datamodule=DigitsDataModule(), ckpt_path=tmp_path / "last.ckpt")
-    assert not started
+    assert_fails_before_training(
+        quiet_trainer_kwargs,
+        [MagnitudePruning(amount=0.5, exclude=["net.4.weight"])],
+        DigitsMLP(hidden=32),
+        "selects other parameters.*same `parameters`, `exclude` and `modules`",
+        datamodule=DigitsDataModule(),
+        ckpt_path=tmp_path / "last.ckpt",
+    )
 
 
 class NonFiniteGradients(Callback):

@@ -5,7 +5,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torchmetrics
-from helpers import DigitsDataModule, DigitsLSTM, DigitsMLP
+from helpers import DigitsDataModule, DigitsLSTM, DigitsMLP, assert_fails_before_training
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
@@ -223,16 +223,7 @@ def test_bad_settings_fail_at_construction(kwargs, message):
 
 
 def _fails_before_training(callbacks, model, quiet_trainer_kwargs, match, **fit_kwargs):
-    started = []
-
-    class Watch(Callback):
-        def on_train_batch_start(self, *args):
-            started.append(True)
-
-    trainer = pl.Trainer(max_epochs=1, callbacks=[*callbacks, Watch()], **quiet_trainer_kwargs)
-    with pytest.raises(ValueError, match=match):
-        trainer.fit(model, **fit_kwargs)
-    assert not started
+    assert_fails_before_training(quiet_trainer_kwargs, callbacks, model, match, **fit_kwargs)
 
 
 def test_model_without_quantizable_modules_fails_before_training(quiet_trainer_kwargs):

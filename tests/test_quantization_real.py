@@ -10,8 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchmetrics
-from helpers import BertClassifier, DemoTransformer, DigitsDataModule, DigitsMLP, sentences
-from lightning.pytorch.callbacks import Callback
+from helpers import (
+    BertClassifier,
+    DemoTransformer,
+    DigitsDataModule,
+    DigitsMLP,
+    assert_fails_before_training,
+    sentences,
+)
 from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
@@ -220,16 +226,7 @@ def test_bf16_true_training_quantizes_a_float32_copy_and_says_so(
 
 # ---------------------------------------------------------------------------------------------- fail before training
 def _fails_before_training(callbacks, model, kwargs, match, **fit_kwargs):
-    started = []
-
-    class Watch(Callback):
-        def on_train_batch_start(self, *args):
-            started.append(True)
-
-    trainer = pl.Trainer(max_epochs=1, callbacks=[*callbacks, Watch()], **kwargs)
-    with pytest.raises(ValueError, match=match):
-        trainer.fit(model, **fit_kwargs)
-    assert not started
+    assert_fails_before_training(kwargs, callbacks, model, match, **fit_kwargs)
 
 
 def test_unwritable_save_path_fails_before_the_first_step(quiet_trainer_kwargs, tmp_path):
