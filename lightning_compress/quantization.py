@@ -254,14 +254,14 @@ class DynamicQuantization(Callback):
         if rehearsal:
             self._rehearse_artifact(quantized, inputs[0] if inputs else None)
             return
-        with _timed(stages, "time latency", announce=not rehearsal):
+        with _timed(stages, "time latency", announce=True):
             timed = inputs if self.evaluate else []
             comparison = pipeline.compare(float_model, quantized, names, timed, before, after, LATENCY_ROUNDS)
         comparison.cast_from = cast_from
         results = self._results(comparison, headline)
         results.update(self._sparsity(trainer, float_model, quantized))
         if self.save_path is not None:
-            with _timed(stages, "save artifact", announce=not rehearsal):
+            with _timed(stages, "save artifact", announce=True):
                 size = self._save(trainer, quantized, inputs[0])
             if size is not None:
                 results[report.SIZE_COMPRESSED] = size / 1e6

@@ -58,5 +58,6 @@ def test_lightning_cli_config(tmp_path, epochs):
         f"--trainer.max_epochs={epochs}",
         "--trainer.enable_progress_bar=false",
     )
-    assert "MagnitudePruning [epoch 0]" in out and "lightning_compress summary (qint8" in out
+    assert "MagnitudePruning [epoch 1]" in out and "lightning_compress summary (qint8" in out
+    assert "accuracy guard on val_acc (max)" in out and "val_acc" in out
     assert (tmp_path / "runs" / "digits_cli_int8.ts").exists()
