@@ -307,8 +307,16 @@ class DynamicQuantization(Callback):
         batches = iter(batches)
         first = next(batches)
         x, y = measure.split_batch(first)
-        with torch.inference_mode():
-            output = model(x)
+        try:
+            with torch.inference_mode():
+                output = model(x)
+        except TypeError as error:  # a forward that takes more than one input, e.g. forward(inputs, target)
+            raise ValueError(
+                f"without a `validation_step`, batches are evaluated as (input, target) with model(input), and "
+                f"calling forward with the batch's first item failed ({error}). Add a `validation_step` that calls "
+                "self(...) and logs a metric, or pass `dataloader=` and `metric=` that fit; with `evaluate=False`, "
+                "set `example_input_array` for tracing."
+            ) from error
         metric = self.metric.clone() if self.metric is not None else measure.default_metric(output)
         compat.never_sync(metric.to("cpu"))
         try:

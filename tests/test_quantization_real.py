@@ -299,3 +299,26 @@ def test_exclude_leaves_layers_float_and_the_summary_states_coverage(quiet_train
     expected = sum(p.numel() for i in (2, 4) for p in model.net[i].parameters()) / total
     assert quant.results["quantization/coverage"] == pytest.approx(expected)
     assert any(f"coverage: {expected:.1%} of the model's parameters" in r.getMessage() for r in caplog.records)
+
+
+class DemoWithoutValidationStep(DemoTransformer):
+    """Lightning's demo Transformer as it ships: no validation_step, forward(inputs, target)."""
+
+    validation_step = pl.LightningModule.validation_step
+
+
+def test_a_module_without_validation_step_and_two_inputs(quiet_trainer_kwargs, tmp_path, run_in_fresh_process):
+    _fails_before_training(
+        [DynamicQuantization()],
+        DemoWithoutValidationStep(),
+        {**quiet_trainer_kwargs, "limit_train_batches": 2},
+        r"without a `validation_step`.*forward\(\) missing 1 required positional argument.*example_input_array",
+    )
+    model = DemoWithoutValidationStep()
+    model.example_input_array = next(iter(model.val_dataloader()))  # (inputs, target), as forward takes them
+    quant = DynamicQuantization(evaluate=False, save_path=tmp_path / "demo.ts")
+    _fit({**quiet_trainer_kwargs, "limit_train_batches": 2}, [quant], model)
+    inputs, target = model.example_input_array
+    with torch.inference_mode():
+        expected = quant.quantized_model(inputs, target)
+    assert torch.equal(run_in_fresh_process("load_quantized", tmp_path / "demo.ts", (inputs, target)), expected)
