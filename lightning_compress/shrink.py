@@ -1,0 +1,211 @@
+"""Structured pruning that pays off on any hardware: remove the channels that pruning zeroed.
+
+:func:`shrink` returns a copy of a model in which every output channel (a Linear row, a Conv filter) that is zero in
+every member of its coupled group is physically removed, together with the matching input columns/channels of the
+layers that consume it and the matching entries of the normalization layers between them. The dependency analysis
+(which layers are coupled through residual adds, concatenations, reshapes, grouped convolutions) is Torch-Pruning's
+``DependencyGraph`` (VainF/Torch-Pruning, "DepGraph"): a well-kept library that does exactly this, where a
+hand-written graph walker would be a second, weaker copy of it. It is an optional extra:
+``pip install 'lightning_compress[shrink]'``.
+
+What is ours: deciding which channels may go, and keeping the outputs equal. A channel may go when the weights of
+every layer producing it are zero; it then carries a constant (its bias through the activation, a BatchNorm shift),
+which is read off the example input at each consumer and folded into that consumer's bias (exactly, for Linear
+consumers and for Conv consumers without padding; with padding, only a constant of 0 is removable). A group this
+code cannot follow (LayerNorm/GroupNorm across channels, attention, anything unknown that holds parameters, or
+channels that reach the model's output) is left dense, with a warning naming the layer and the reason. The result
+is compared with the model on the example input before it is returned; on any difference the unshrunk copy is
+returned instead, with a warning: never a wrong model.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_compress import compat
+from lightning_compress.inputs import ModelInput, plain_outputs
+
+SHRINK_HINT = "Shrinking needs Torch-Pruning: pip install 'lightning_compress[shrink]'"
+_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_PER_CHANNEL = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+class ShrinkWarning(UserWarning):
+    """A group of channels was left dense: the message names the layer and the reason."""
+
+
+def shrink(model: nn.Module, example_input: Any, atol: float = 1e-5) -> nn.Module:
+    """A copy of ``model`` without the channels that structured pruning zeroed; outputs equal on ``example_input``.
+
+    Args:
+        model: a float model whose pruned channels are exactly zero (e.g. after ``MagnitudePruning`` with
+            ``method="ln_structured"``, ``dim=0``).
+        example_input: a real input, as in ``example_input_array`` (a tensor, a tuple, or a dict of keywords).
+        atol: the largest difference from ``model``'s outputs on ``example_input`` that counts as equal.
+
+    Raises:
+        ImportError: Torch-Pruning is not installed.
+    """
+    try:
+        import torch_pruning as tp
+    except ImportError as error:
+        raise ImportError(SHRINK_HINT) from error
+    copy = compat.uncompiled_copy(model).eval()
+    example = ModelInput.from_example(example_input)
+    with torch.no_grad():
+        expected = plain_outputs(example(copy))
+    reference = compat.uncompiled_copy(copy)
+    graph = tp.DependencyGraph().build_dependency(
+        copy, example_inputs=example, forward_fn=lambda m, x: x(m), output_transform=_first_tensor, verbose=False
+    )
+    names = {module: name for name, module in copy.named_modules()}
+    for group in list(graph.get_all_groups(root_module_types=_LAYERS)):
+        _shrink_group(graph, group, copy, example, names)
+    with torch.no_grad():
+        actual = plain_outputs(example(copy))
+    if not _close(expected, actual, atol):
+        warnings.warn(
+            "shrink: the shrunk model's outputs differ from the model's on the example input; returning the model "
+            "unshrunk. Please report this with the model's structure.",
+            ShrinkWarning,
+            stacklevel=2,
+        )
+        return reference
+    return copy
+
+
+def _shrink_group(graph: Any, group: Any, model: nn.Module, example: ModelInput, names: dict[nn.Module, str]) -> None:
+    root_item = group[0]
+    root = root_item.dep.target.module
+    name = names.get(root, type(root).__name__)
+    producers, consumers = [], []
+    for item in group:
+        module, out = item.dep.target.module, graph.is_out_channel_pruning_fn(item.dep.handler)
+        if not isinstance(module, nn.Module) or not any(True for _ in module.parameters(recurse=False)):
+            continue  # an operation (add, reshape, activation): it holds nothing to remove
+        if isinstance(module, _LAYERS):
+            (producers if out else consumers).append(item)
+        elif not isinstance(module, _PER_CHANNEL):
+            reason = f"{type(module).__name__} {names.get(module, '')!r} mixes these channels"
+            return _left_dense(name, reason, _zero_channels(producers) if producers else None)
+    if not consumers:
+        return  # these channels are (part of) the model's output: removing them would change its shape
+    removable = _zero_channels(producers)
+    if not removable:
+        return
+    constants = _consumer_inputs(model, example, consumers)
+    keep_anyway: set[int] = set()
+    folds = []
+    for item in consumers:
+        consumer, x = item.dep.target.module, constants[item.dep.target.module]
+        for idx, root_idx in zip(item.idxs, item.root_idxs):
+            if root_idx not in removable:
+                continue
+            value = _constant(x, idx, consumer)
+            if value is None:
+                keep_anyway.add(root_idx)  # not constant after all: keep it
+            elif value != 0:
+                if isinstance(consumer, nn.Linear) or _unpadded(consumer):
+                    folds.append((consumer, idx, value))
+                else:
+                    keep_anyway.add(root_idx)  # a padded convolution sees the constant only away from the borders
+    removable -= keep_anyway
+    if keep_anyway:
+        _left_dense(name, f"{len(keep_anyway)} zeroed channel(s) carry a constant a padded convolution consumes", None)
+    if not removable:
+        return
+    for consumer, idx, value in folds:
+        if _root_of(consumers, consumer, idx) in removable:
+            _fold(consumer, idx, value)
+    graph.get_pruning_group(root, root_item.dep.handler, idxs=sorted(removable)).prune()
+
+
+def _zero_channels(producers: list[Any]) -> set[int]:
+    """Root channels whose weights are zero in every producing layer of the group."""
+    zero: set[int] | None = None
+    for item in producers:
+        weight = item.dep.target.module.weight.detach()
+        found = {root for idx, root in zip(item.idxs, item.root_idxs) if not weight[idx].any()}
+        zero = found if zero is None else zero & found
+    return zero or set()
+
+
+def _consumer_inputs(model: nn.Module, example: ModelInput, consumers: list[Any]) -> dict[nn.Module, Tensor]:
+    captured: dict[nn.Module, Tensor] = {}
+    modules = {item.dep.target.module for item in consumers}
+    handles = [m.register_forward_pre_hook(lambda m, args: captured.setdefault(m, args[0])) for m in modules]
+    try:
+        with torch.no_grad():
+            example(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def _constant(x: Tensor, idx: int, consumer: nn.Module) -> float | None:
+    """The value of input channel ``idx`` if it is the same everywhere in ``x``, else ``None``."""
+    channel = x[..., idx] if isinstance(consumer, nn.Linear) else x[:, idx]
+    first = channel.reshape(-1)[0]
+    return float(first) if bool((channel == first).all()) else None
+
+
+def _unpadded(conv: nn.Module) -> bool:
+    padding = conv.padding if isinstance(conv.padding, tuple) else (conv.padding,)
+    return all(p == 0 for p in padding) and conv.groups == 1
+
+
+def _fold(consumer: nn.Module, idx: int, value: float) -> None:
+    """Add what a constant input ``value`` on input channel ``idx`` contributes to every output, to the bias."""
+    weight = consumer.weight.detach()
+    contribution = weight[:, idx].reshape(weight.shape[0], -1).sum(dim=1) * value
+    with torch.no_grad():
+        if consumer.bias is None:
+            consumer.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device))
+        consumer.bias.add_(contribution)
+
+
+def _root_of(consumers: list[Any], consumer: nn.Module, idx: int) -> int:
+    for item in consumers:
+        if item.dep.target.module is consumer:
+            return dict(zip(item.idxs, item.root_idxs))[idx]
+    raise KeyError(idx)
+
+
+def _left_dense(name: str, reason: str, zeroed: set[int] | None) -> None:
+    if zeroed:  # only worth saying when something could have been removed
+        warnings.warn(f"shrink: left {len(zeroed)} zeroed channel(s) of {name!r} in place: {reason}", ShrinkWarning)
+
+
+def _first_tensor(output: Any) -> Tensor:
+    """Torch-Pruning traces the graph back from one tensor: the first one in the output."""
+    plain = plain_outputs(output)
+    while not isinstance(plain, Tensor):
+        plain = next(iter(plain.values())) if isinstance(plain, dict) else plain[0]
+    return plain
+
+
+def _close(expected: Any, actual: Any, atol: float) -> bool:
+    if isinstance(expected, Tensor):
+        return (
+            isinstance(actual, Tensor)
+            and expected.shape == actual.shape
+            and torch.allclose(expected, actual, atol=atol, rtol=1e-4)
+        )
+    if isinstance(expected, dict):
+        return (
+            isinstance(actual, dict)
+            and expected.keys() == actual.keys()
+            and all(_close(expected[k], actual[k], atol) for k in expected)
+        )
+    if isinstance(expected, (list, tuple)):
+        return (
+            isinstance(actual, (list, tuple))
+            and len(expected) == len(actual)
+            and all(_close(a, b, atol) for a, b in zip(expected, actual))
+        )
+    return expected == actual
