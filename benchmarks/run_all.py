@@ -6,6 +6,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-for script in ("step_overhead.py", "mask_update.py", "quantization.py", "compression.py", "rehearsal.py"):
+for script in ("step_overhead.py", "mask_update.py", "quantization.py", "compression.py", "rehearsal.py", "shrink.py"):
     print(f"\n$ python benchmarks/{script}", flush=True)
     subprocess.run([sys.executable, str(HERE / script)], check=True)

@@ -20,7 +20,7 @@ _EXPORTS = {
     "save_compressed": "lightning_compress.artifact",
     "load_compressed": "lightning_compress.artifact",
     "ArtifactError": "lightning_compress.compressed",
-    "shrink": "lightning_compress.shrink",
+    "shrink": "lightning_compress.shrinking",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -8,6 +8,7 @@ whole path on one batch before training, and logs what it measured.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import itertools
 import numbers
 import os
@@ -30,6 +31,7 @@ from lightning_compress.backends import DTYPES, SUPPORTED_MODULES
 from lightning_compress.inputs import ModelInput, capture_inputs
 from lightning_compress.kernels import KernelChoice, build_with_kernels, choose_linear_kernels
 from lightning_compress.protocols import PruningCallback, SummaryLines
+from lightning_compress.shrinking import SHRINK_HINT, shrink
 
 #: Latency is timed on (up to) this many evaluation batches.
 LATENCY_BATCHES = 32
@@ -76,6 +78,9 @@ class DynamicQuantization(Callback):
             it. ``None``: the trainer's ModelCheckpoint/EarlyStopping ``monitor`` when logged, else the first
             logged metric containing ``acc``.
         exclude: glob patterns over module names to leave in float (e.g. ``["classifier"]``).
+        shrink: before quantizing, remove the channels that structured pruning zeroed (see
+            :func:`lightning_compress.shrink`), so that the artifact, the size and the latency are the shrunk model's.
+            Needs ``pip install 'lightning_compress[shrink]'``.
 
     Logged once at the end of fit, to every logger: ``quantization/<metric>_before``/``_after`` for each metric,
     ``quantization/accuracy_before``/``_after`` (the headline metric), ``quantization/size_mb_before``/``_after``
@@ -100,6 +105,7 @@ class DynamicQuantization(Callback):
         sparse_kernels: Literal["auto", "off"] = "off",
         monitor: str | None = None,
         exclude: Sequence[str] = (),
+        shrink: bool = False,
     ) -> None:
         super().__init__()
         by_dtype = {v: k for k, v in DTYPES.items()}
@@ -140,6 +146,10 @@ class DynamicQuantization(Callback):
             raise ValueError(f"`baseline_accuracy` must be None or a number, got {baseline_accuracy!r}")
         if monitor is not None and (not isinstance(monitor, str) or not monitor):
             raise ValueError(f"`monitor` must be None or the name of a logged metric, got {monitor!r}")
+        if not isinstance(shrink, bool):
+            raise ValueError(f"`shrink` must be True or False, got {shrink!r}")
+        if shrink and importlib.util.find_spec("torch_pruning") is None:
+            raise ValueError(f"`shrink=True`: {SHRINK_HINT}")
         self.dtype = dtype
         self.modules = modules
         self.exclude = list(exclude)
@@ -151,6 +161,7 @@ class DynamicQuantization(Callback):
         self.compress = compress
         self.sparse_kernels = sparse_kernels
         self.monitor = monitor
+        self.shrink = shrink
 
         self.quantized_model: nn.Module | None = None
         self.results: dict[str, float] = {}
@@ -224,7 +235,7 @@ class DynamicQuantization(Callback):
             float_model, cast_from = pipeline.float_copy(pl_module)
             names = pipeline.select_modules(float_model, self.modules, self.exclude)
         example = self._example_input(pl_module, cast_from)
-        needs_inputs = self.save_path is not None or self.sparse_kernels == "auto" or self.evaluate
+        needs_inputs = self.save_path is not None or self.sparse_kernels == "auto" or self.evaluate or self.shrink
         with _timed(stages, "evaluate float"):
             if self.evaluate or (needs_inputs and example is None):
                 batches = limit if self.evaluate else 1
@@ -241,12 +252,17 @@ class DynamicQuantization(Callback):
                 "inputs), or call `self(...)` in `validation_step`."
             )
         headline = self._headline(trainer, before)
+        to_quantize, notes = float_model, []
+        if self.shrink:
+            with _timed(stages, "shrink", announce=not rehearsal):
+                to_quantize = shrink(float_model, inputs[0])
+            notes = _shape_changes(float_model, to_quantize)
         with _timed(stages, "quantize", announce=not rehearsal):
             if self.sparse_kernels == "auto" and not rehearsal:
-                self.kernel_choices = choose_linear_kernels(float_model, inputs[0], dtype, names)
-                quantized = build_with_kernels(float_model, self.kernel_choices, dtype, names)
+                self.kernel_choices = choose_linear_kernels(to_quantize, inputs[0], dtype, names)
+                quantized = build_with_kernels(to_quantize, self.kernel_choices, dtype, names)
             else:
-                quantized = pipeline.quantize(float_model, dtype, names)
+                quantized = pipeline.quantize(to_quantize, dtype, names)
         with _timed(stages, "evaluate quantized"):
             after = self._evaluate(trainer, quantized, limit, progress)[1] if self.evaluate else {}
             if not self.evaluate and inputs:
@@ -258,6 +274,7 @@ class DynamicQuantization(Callback):
             timed = inputs if self.evaluate else []
             comparison = pipeline.compare(float_model, quantized, names, timed, before, after, LATENCY_ROUNDS)
         comparison.cast_from = cast_from
+        comparison.coverage = pipeline.coverage(to_quantize, names)
         results = self._results(comparison, headline)
         results.update(self._sparsity(trainer, float_model, quantized))
         if self.save_path is not None:
@@ -281,7 +298,8 @@ class DynamicQuantization(Callback):
                 headline=headline,
                 comparison=comparison,
                 stage_seconds=stages,
-                notes=[line for c in trainer.callbacks if isinstance(c, SummaryLines) for line in c.summary_lines()],
+                notes=notes
+                + [line for c in trainer.callbacks if isinstance(c, SummaryLines) for line in c.summary_lines()],
             )
         )
 
@@ -430,6 +448,20 @@ def _timed(stages: dict[str, float], stage: str, announce: bool = False) -> Iter
         yield
     finally:
         stages[stage] = stages.get(stage, 0.0) + time.perf_counter() - start
+
+
+def _shape_changes(before: nn.Module, after: nn.Module) -> list[str]:
+    """Summary lines: the parameter count, and each layer whose weight changed shape, before and after shrinking."""
+    lines = [f"shrink: {_count(before):,} -> {_count(after):,} parameters"]
+    shapes = {name: tuple(p.shape) for name, p in after.named_parameters() if name.endswith("weight")}
+    for name, p in before.named_parameters():
+        if name in shapes and shapes[name] != tuple(p.shape):
+            lines.append(f"shrink: {name} {tuple(p.shape)} -> {shapes[name]}")
+    return lines
+
+
+def _count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def _pruned_parameter_names(trainer: pl.Trainer) -> list[str]:

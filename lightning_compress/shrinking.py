@@ -115,7 +115,7 @@ def _shrink_group(graph: Any, group: Any, model: nn.Module, example: ModelInput,
                     keep_anyway.add(root_idx)  # a padded convolution sees the constant only away from the borders
     removable -= keep_anyway
     if keep_anyway:
-        _left_dense(name, f"{len(keep_anyway)} zeroed channel(s) carry a constant a padded convolution consumes", None)
+        _left_dense(name, "they carry a nonzero constant that a padded convolution consumes", keep_anyway)
     if not removable:
         return
     for consumer, idx, value in folds:
@@ -178,7 +178,8 @@ def _root_of(consumers: list[Any], consumer: nn.Module, idx: int) -> int:
 
 def _left_dense(name: str, reason: str, zeroed: set[int] | None) -> None:
     if zeroed:  # only worth saying when something could have been removed
-        warnings.warn(f"shrink: left {len(zeroed)} zeroed channel(s) of {name!r} in place: {reason}", ShrinkWarning)
+        message = f"shrink: left {len(zeroed)} zeroed channel(s) of {name!r} in place: {reason}"
+        warnings.warn(message, ShrinkWarning, stacklevel=4)  # at the caller of shrink()
 
 
 def _first_tensor(output: Any) -> Tensor:
