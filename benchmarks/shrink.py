@@ -3,7 +3,8 @@
 * MLP 512-2048-2048-10, batch 64: half the rows of the two hidden layers zeroed (smallest L2 norm, as
   ``MagnitudePruning(method="ln_structured")`` chooses them), biases kept, so shrinking folds their constants.
 * ResNet-style CNN (stem + 2 residual blocks with BatchNorm, 64 channels, 32x32 inputs), batch 16: half the
-  residual stream and half of each block's inner channels zeroed group-wise (filters and BatchNorm scale/shift).
+  channels of every coupled group zeroed by the grouped update ``MagnitudePruning(structure="groups")`` uses
+  (smallest L2 over filters, biases and BatchNorm scale/shift of the whole group).
 
 Latency: ``lightning_compress.pipeline.interleaved_latency`` (both models on the same batches, order reversed every
 round), one thread and two; median of the round medians. Outputs are checked equal first.
@@ -21,10 +22,11 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_shrink import ResNetish, _zero_group  # noqa: E402
+from test_shrink import ResNetish  # noqa: E402
 
 from lightning_compress import masks as engine  # noqa: E402
 from lightning_compress import shrink  # noqa: E402
+from lightning_compress.groups import channel_groups  # noqa: E402
 from lightning_compress.inputs import ModelInput  # noqa: E402
 from lightning_compress.pipeline import interleaved_latency  # noqa: E402
 
@@ -42,12 +44,15 @@ def pruned_mlp() -> nn.Sequential:
 
 
 def pruned_cnn() -> nn.Module:
+    """Half the channels of every coupled group, as MagnitudePruning(structure="groups") chooses them."""
     torch.manual_seed(0)
     net = ResNetish(c=64).eval()
-    residual = [(net.stem, net.bn), (net.blocks[0].c2, net.blocks[0].b2), (net.blocks[1].c2, net.blocks[1].b2)]
-    _zero_group(residual, list(range(0, 64, 2)))
-    for block in net.blocks:
-        _zero_group([(block.c1, block.b1)], list(range(32)))
+    groups = channel_groups(net, torch.randn(2, 3, 32, 32))
+    params = dict(net.named_parameters())
+    names = sorted({name for g in groups for name in g.slices})
+    masks = {name: engine.new_mask(params[name]) for name in names}
+    engine.update_grouped(params, masks, groups, 0.5, norm=2)
+    engine.apply_masks([params[n] for n in names], [masks[n] for n in names])
     return net
 
 

@@ -20,7 +20,9 @@ tensor at a time, so extra memory is a few temporaries of the largest single ten
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -223,6 +225,38 @@ def update_structured(
         shape = [1] * w.dim()
         shape[dim] = w.shape[dim]
         m.mul_(slice_mask.view(shape))
+
+
+def update_grouped(
+    params: Mapping[str, Tensor], masks: Mapping[str, Tensor], groups: Sequence[Any], sparsity: float, norm: float
+) -> None:
+    """Grow the masks so that ``round(sparsity * channels)`` channels of each group are pruned in every member.
+
+    ``groups`` are :class:`lightning_compress.groups.ChannelGroup`: for each channel, the dim-0 slices of every
+    parameter coupled to it. A channel's score is its slices' ``|w|^norm`` summed over all members (the max for
+    ``norm=inf``), so coupled layers are scored together; channels already pruned count first and stay pruned;
+    ties go to the lowest channel index.
+    """
+    for group in groups:
+        scores = torch.zeros(group.channels, dtype=torch.float64)
+        pruned = torch.ones(group.channels, dtype=torch.bool)
+        for name, by_channel in group.slices.items():
+            rows = params[name].detach().reshape(params[name].shape[0], -1).abs().double().cpu()
+            per_row = rows.amax(dim=1) if math.isinf(norm) else rows.pow(norm).sum(dim=1)
+            kept = (masks[name].reshape(masks[name].shape[0], -1) != 0).any(dim=1).cpu()
+            for channel, rows_of_channel in enumerate(by_channel):
+                value = per_row[rows_of_channel]
+                scores[channel] = (
+                    torch.maximum(scores[channel], value.max()) if math.isinf(norm) else (scores[channel] + value.sum())
+                )
+                pruned[channel] &= not bool(kept[rows_of_channel].any())
+        channel_mask = torch.where(pruned, 0, -1).to(torch.int64)
+        prune_smallest(
+            lambda _, a, b, scores=scores: scores[a:b], [channel_mask], count_to_prune(sparsity, group.channels)
+        )
+        for channel in (channel_mask == 0).nonzero().flatten().tolist():
+            for name, by_channel in group.slices.items():
+                masks[name].reshape(masks[name].shape[0], -1)[by_channel[channel]] = 0
 
 
 @torch.no_grad()

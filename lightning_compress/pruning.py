@@ -40,6 +40,7 @@ _SETTINGS = (
     "mode",
     "max_drop",
     "patience",
+    "structure",
 )
 
 
@@ -91,6 +92,11 @@ class MagnitudePruning(Callback):
             metric's own units (``0.01`` = one point of accuracy). ``None``: no guard (and no snapshot).
         patience: how many validations out of budget, at consecutive updates, before pruning rolls back.
         baseline: the dense baseline of ``monitor``; ``None``: the best value validated before pruning starts.
+        structure: for ``ln_structured``: ``"tensor"`` prunes the slices of each selected weight on their own;
+            ``"groups"`` scores and prunes coupled channels together (a layer's filters with its BatchNorm, the
+            convolutions joined by a residual add, ...: see :mod:`lightning_compress.groups`), in every member, so
+            that :func:`lightning_compress.shrink` can remove them. Needs ``example_input_array`` on the module and
+            ``pip install 'lightning_compress[shrink]'``.
 
     With ``max_drop``, an update that would raise the sparsity while the latest ``monitor`` value is outside the
     budget is held (retried at the next scheduled epoch or step); after ``patience`` such validations the weights
@@ -124,6 +130,7 @@ class MagnitudePruning(Callback):
         max_drop: float | None = None,
         patience: int = 1,
         baseline: float | None = None,
+        structure: Literal["tensor", "groups"] = "tensor",
     ) -> None:
         super().__init__()
         if isinstance(amount, bool) or not isinstance(amount, numbers.Real) or not 0 <= amount < 1:
@@ -172,6 +179,13 @@ class MagnitudePruning(Callback):
             raise ValueError(f"`monitor` must be None or the name of a metric logged in validation, got {monitor!r}")
         if max_drop is not None and monitor is None:
             raise ValueError("`max_drop` needs `monitor`: the validation metric whose drop it bounds, e.g. 'val_acc'")
+        if structure not in ("tensor", "groups"):
+            raise ValueError(f"`structure` must be one of ['tensor', 'groups'], got {structure!r}")
+        if structure == "groups" and (method != "ln_structured" or dim != 0):
+            raise ValueError(
+                "`structure='groups'` prunes whole output channels: it needs `method='ln_structured'` and `dim=0`, got "
+                f"method={method!r}, dim={dim!r}"
+            )
         guard = AccuracyGuard(0.0 if max_drop is None else max_drop, mode, patience, baseline)  # checks every value
         self._guard = guard if max_drop is not None else None
 
@@ -189,6 +203,7 @@ class MagnitudePruning(Callback):
         self.modules = list(modules) if modules is not None else None
         self.make_permanent = make_permanent
         self.seed = seed
+        self.structure = structure
         self.monitor = monitor
         self.mode = mode
         self.max_drop = max_drop
@@ -213,6 +228,7 @@ class MagnitudePruning(Callback):
         self._targets: list[float] = []  # with the guard: the schedule's targets in order, consumed one by one
         self._position = 0
         self._snapshot: dict[str, Any] | None = None
+        self._groups: list[Any] = []
 
     @property
     def state_key(self) -> str:
@@ -331,14 +347,37 @@ class MagnitudePruning(Callback):
                     raise ValueError(
                         f"`dim={self.dim}` is out of range for parameter {name!r} of shape {tuple(param.shape)}"
                     )
-        if self._names and self._names != list(selected):
+        names = list(selected)
+        if self.structure == "groups":
+            names = self._with_group_members(pl_module, selected)
+        if self._names and self._names != names:
             self._masks = None  # another model or selection: old masks do not apply
-        self._names = list(selected)
+        self._names = names
         all_aliases = parameter_aliases(pl_module)
         self._aliases = {name: all_aliases[name] for name in self._names}
         matrices = matrix_numel(pl_module)
         self._coverage = sum(p.numel() for p in selected.values()) / matrices if matrices else float("nan")
         self._unselected = largest_unselected(pl_module, self._names)
+
+    def _with_group_members(self, pl_module: pl.LightningModule, selected: dict[str, Tensor]) -> list[str]:
+        """Find the coupled channel groups of the selected layers; every parameter in them gets a mask."""
+        from lightning_compress.groups import channel_groups
+
+        example = pl_module.example_input_array
+        if example is None:
+            raise ValueError(
+                "MagnitudePruning(structure='groups') traces the model to find coupled channels, and needs an input: "
+                "set `example_input_array` on the LightningModule (a tensor, a tuple, or a dict of keyword inputs)."
+            )
+        self._groups = channel_groups(pl_module, example, set(selected))
+        if not self._groups:
+            raise ValueError(
+                f"MagnitudePruning(structure='groups') found no group of coupled channels that can be removed among "
+                f"{list(selected)}: their channels reach the model's output or run through a layer that mixes "
+                "channels (LayerNorm, attention)."
+            )
+        members = set(selected) | {name for g in self._groups for name in g.slices}
+        return [name for name, _ in pl_module.named_parameters() if name in members]
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         named = dict(pl_module.named_parameters())
@@ -534,7 +573,15 @@ class MagnitudePruning(Callback):
 
     def _update_masks(self, target: float) -> None:
         """Grow the masks to ``target`` sparsity with the configured method and scope, and apply them."""
-        if self.method == "ln_structured":
+        if self.structure == "groups":
+            mask_engine.update_grouped(
+                dict(zip(self._names, self._weights)),
+                dict(zip(self._names, self._masks)),
+                self._groups,
+                target,
+                self.norm,
+            )
+        elif self.method == "ln_structured":
             mask_engine.update_structured(self._weights, self._masks, target, self.norm, self.dim)
         else:
             if self.method == "l1_unstructured":

@@ -63,7 +63,9 @@ def shrink(model: nn.Module, example_input: Any, atol: float = 1e-5) -> nn.Modul
         copy, example_inputs=example, forward_fn=lambda m, x: x(m), output_transform=_first_tensor, verbose=False
     )
     names = {module: name for name, module in copy.named_modules()}
-    for group in list(graph.get_all_groups(root_module_types=_LAYERS)):
+    # Lazily: each group is computed when yielded, from the layers as the groups before it left them (indices
+    # into a concatenation shift once one of its branches has shrunk).
+    for group in graph.get_all_groups(root_module_types=_LAYERS):
         _shrink_group(graph, group, copy, example, names)
     with torch.no_grad():
         actual = plain_outputs(example(copy))

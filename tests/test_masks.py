@@ -183,3 +183,26 @@ def test_zero_fraction_counts_exact_zeros():
     from lightning_compress.measure import zero_fraction
 
     assert zero_fraction([torch.tensor([0.0, -0.0, 1e-30, 2.0])]) == 0.5
+
+
+def test_grouped_update_scores_coupled_slices_together_and_only_grows():
+    from lightning_compress.groups import ChannelGroup
+
+    torch.manual_seed(0)
+    conv = torch.randn(6, 3, 3, 3)  # a layer's 6 filters
+    bn_weight, bn_bias = torch.randn(6), torch.randn(6)  # its BatchNorm
+    other = torch.randn(6, 4)  # a coupled layer (say, joined by a residual add)
+    params = {"conv": conv, "bn.w": bn_weight, "bn.b": bn_bias, "other": other}
+    masks = {name: engine.new_mask(p) for name, p in params.items()}
+    group = ChannelGroup("conv", 6, {name: [[c] for c in range(6)] for name in params})
+    engine.update_grouped(params, masks, [group], 0.5, norm=2)
+    by_hand = conv.flatten(1).pow(2).sum(1) + bn_weight.pow(2) + bn_bias.pow(2) + other.pow(2).sum(1)
+    expected = set(by_hand.argsort()[:3].tolist())
+    for name in params:
+        pruned = {c for c in range(6) if not masks[name].reshape(6, -1)[c].any()}
+        assert pruned == expected, name  # the same channels, in every member
+    with torch.no_grad():
+        other.mul_(100)  # scores change; pruned channels stay pruned and count first
+    engine.update_grouped(params, masks, [group], 4 / 6, norm=2)
+    pruned = {c for c in range(6) if not masks["conv"].reshape(6, -1)[c].any()}
+    assert expected < pruned and len(pruned) == 4

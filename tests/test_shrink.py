@@ -194,3 +194,91 @@ def test_shrink_needs_its_extra_at_construction(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch_pruning" else real(name))
     with pytest.raises(ValueError, match=r"`shrink=True`.*pip install 'lightning_compress\[shrink\]'"):
         DynamicQuantization(shrink=True)
+
+
+class DigitsCNN(pl.LightningModule):
+    """A stem, two residual blocks with BatchNorm, a linear head: scikit-learn digits as 1x8x8 images."""
+
+    def __init__(self, channels=16):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(1, channels, 3, padding=1), nn.BatchNorm2d(channels)
+        self.blocks = nn.Sequential(Block(channels), Block(channels))
+        self.head = nn.Linear(channels, 10)
+        self.example_input_array = torch.zeros(2, 64)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.stem(x.reshape(-1, 1, 8, 8))))
+        return self.head(self.blocks(h).mean((2, 3)))
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", torch.nn.functional.cross_entropy(self(batch[0]), batch[1]))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
+def test_grouped_pruning_prunes_coupled_channels_together_and_shrink_removes_them(quiet_trainer_kwargs):
+    pruning = MagnitudePruning(amount=0.5, method="ln_structured", structure="groups")
+    model = DigitsCNN()
+    pl.seed_everything(0, verbose=False)
+    pl.Trainer(max_epochs=2, callbacks=[pruning], **quiet_trainer_kwargs).fit(model, datamodule=DigitsDataModule())
+    model.eval()
+    # the residual stream: the same 8 channels are zero in the stem, both blocks' second convs and their BatchNorms
+    zero = (model.stem.weight.flatten(1) == 0).all(1)
+    assert int(zero.sum()) == 8
+    for conv, bn in [(model.blocks[0].c2, model.blocks[0].b2), (model.blocks[1].c2, model.blocks[1].b2)]:
+        assert torch.equal((conv.weight.flatten(1) == 0).all(1), zero)
+        assert not bn.weight[zero].any() and not bn.bias[zero].any()
+    assert not model.stem.bias[zero].any() and not model.bn.weight[zero].any()
+    data = DigitsDataModule()
+    data.setup()
+    x, _ = next(iter(data.val_dataloader()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ShrinkWarning)
+        shrunk = shrink(model, x[:8])
+    assert tuple(shrunk.stem.weight.shape) == (8, 1, 3, 3) and tuple(shrunk.blocks[0].c1.weight.shape) == (8, 8, 3, 3)
+    with torch.no_grad():
+        assert torch.allclose(shrunk(x), model(x), atol=1e-5)
+    assert _params(shrunk) < 0.35 * _params(model)
+
+
+def test_grouped_pruning_needs_an_example_input_and_ln_structured(quiet_trainer_kwargs):
+    from helpers import assert_fails_before_training
+
+    with pytest.raises(ValueError, match="`structure='groups'`.*method='ln_structured'.*dim=0"):
+        MagnitudePruning(structure="groups")
+    model = DigitsCNN()
+    model.example_input_array = None
+    assert_fails_before_training(
+        quiet_trainer_kwargs,
+        [MagnitudePruning(method="ln_structured", structure="groups")],
+        model,
+        "structure='groups'.*set `example_input_array`",
+        datamodule=DigitsDataModule(),
+    )
+
+
+def test_concatenated_branches():
+    class TwoBranches(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 6, 1), nn.Conv2d(3, 4, 1)
+            self.merge = nn.Conv2d(10, 5, 1)
+
+        def forward(self, x):
+            return self.merge(torch.relu(torch.cat([self.a(x), self.b(x)], dim=1)))
+
+    torch.manual_seed(0)
+    net = TwoBranches().eval()
+    with torch.no_grad():
+        net.a.weight[[0, 5]] = 0
+        net.b.weight[[2]] = 0
+        net.b.bias[2] = 0.7  # a constant relu(0.7) reaches `merge`, an unpadded 1x1 conv: folded into its bias
+    x = torch.randn(2, 3, 5, 5)
+    shrunk = shrink(net, x)
+    assert shrunk.a.out_channels == 4 and shrunk.b.out_channels == 3 and shrunk.merge.in_channels == 7
+    with torch.no_grad():
+        assert torch.allclose(shrunk(x), net(x), atol=1e-5)
