@@ -86,6 +86,8 @@ def _shrink_group(graph: Any, group: Any, model: nn.Module, example: ModelInput,
     name = names.get(root, type(root).__name__)
     producers, consumers = [], []
     for item in group:
+        if any(root_idx is None for root_idx in item.root_idxs):
+            return  # an index mapping (grouped heads, say) that Torch-Pruning cannot trace back to the root
         module, out = item.dep.target.module, graph.is_out_channel_pruning_fn(item.dep.handler)
         if not isinstance(module, nn.Module) or not any(True for _ in module.parameters(recurse=False)):
             continue  # an operation (add, reshape, activation): it holds nothing to remove
@@ -100,7 +102,8 @@ def _shrink_group(graph: Any, group: Any, model: nn.Module, example: ModelInput,
     if not removable:
         return
     constants = _consumer_inputs(model, example, consumers)
-    keep_anyway: set[int] = set()
+    varying: set[int] = set()  # zero weights, yet not constant where consumed: something this code does not see
+    padded: set[int] = set()  # a padded convolution sees a constant only away from the borders
     folds = []
     for item in consumers:
         consumer, x = item.dep.target.module, constants[item.dep.target.module]
@@ -109,19 +112,18 @@ def _shrink_group(graph: Any, group: Any, model: nn.Module, example: ModelInput,
                 continue
             value = _constant(x, idx, consumer)
             if value is None:
-                keep_anyway.add(root_idx)  # not constant after all: keep it
+                varying.add(root_idx)
+            elif value != 0 and not (isinstance(consumer, nn.Linear) or _unpadded(consumer)):
+                padded.add(root_idx)
             elif value != 0:
-                if isinstance(consumer, nn.Linear) or _unpadded(consumer):
-                    folds.append((consumer, idx, value))
-                else:
-                    keep_anyway.add(root_idx)  # a padded convolution sees the constant only away from the borders
-    removable -= keep_anyway
-    if keep_anyway:
-        _left_dense(name, "they carry a nonzero constant that a padded convolution consumes", keep_anyway)
+                folds.append((root_idx, consumer, idx, value))
+    _left_dense(name, "they are not constant where they are consumed", varying)
+    _left_dense(name, "they carry a nonzero constant that a padded convolution consumes", padded - varying)
+    removable -= varying | padded
     if not removable:
         return
-    for consumer, idx, value in folds:
-        if _root_of(consumers, consumer, idx) in removable:
+    for root_idx, consumer, idx, value in folds:
+        if root_idx in removable:
             _fold(consumer, idx, value)
     graph.get_pruning_group(root, root_item.dep.handler, idxs=sorted(removable)).prune()
 
@@ -169,13 +171,6 @@ def _fold(consumer: nn.Module, idx: int, value: float) -> None:
         if consumer.bias is None:
             consumer.bias = nn.Parameter(torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device))
         consumer.bias.add_(contribution)
-
-
-def _root_of(consumers: list[Any], consumer: nn.Module, idx: int) -> int:
-    for item in consumers:
-        if item.dep.target.module is consumer:
-            return dict(zip(item.idxs, item.root_idxs))[idx]
-    raise KeyError(idx)
 
 
 def _left_dense(name: str, reason: str, zeroed: set[int] | None) -> None:
