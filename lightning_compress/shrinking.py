@@ -59,14 +59,23 @@ def shrink(model: nn.Module, example_input: Any, atol: float = 1e-5) -> nn.Modul
     with torch.no_grad():
         expected = plain_outputs(example(copy))
     reference = compat.uncompiled_copy(copy)
-    graph = tp.DependencyGraph().build_dependency(
-        copy, example_inputs=example, forward_fn=lambda m, x: x(m), output_transform=_first_tensor, verbose=False
-    )
-    names = {module: name for name, module in copy.named_modules()}
-    # Lazily: each group is computed when yielded, from the layers as the groups before it left them (indices
-    # into a concatenation shift once one of its branches has shrunk).
-    for group in graph.get_all_groups(root_module_types=_LAYERS):
-        _shrink_group(graph, group, copy, example, names)
+    try:
+        graph = tp.DependencyGraph().build_dependency(
+            copy, example_inputs=example, forward_fn=lambda m, x: x(m), output_transform=_first_tensor, verbose=False
+        )
+        names = {module: name for name, module in copy.named_modules()}
+        # Lazily: each group is computed when yielded, from the layers as the groups before it left them (indices
+        # into a concatenation shift once one of its branches has shrunk).
+        for group in graph.get_all_groups(root_module_types=_LAYERS):
+            _shrink_group(graph, group, copy, example, names)
+    except Exception as error:  # a model the dependency graph cannot follow: never return a half-shrunk one
+        warnings.warn(
+            f"shrink: the dependency analysis could not follow the model ({type(error).__name__}: {error}); "
+            "returning it unshrunk.",
+            ShrinkWarning,
+            stacklevel=2,
+        )
+        return reference
     with torch.no_grad():
         actual = plain_outputs(example(copy))
     if not _close(expected, actual, atol):

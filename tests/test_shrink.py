@@ -282,3 +282,36 @@ def test_concatenated_branches():
     assert shrunk.a.out_channels == 4 and shrunk.b.out_channels == 3 and shrunk.merge.in_channels == 7
     with torch.no_grad():
         assert torch.allclose(shrunk(x), net(x), atol=1e-5)
+
+
+def test_a_hugging_face_bert_loses_feed_forward_channels_with_equal_logits():
+    pytest.importorskip("transformers")
+    from helpers import BertClassifier, sentences
+    from torch.utils.data import DataLoader
+
+    model = BertClassifier().eval()
+    with torch.no_grad():
+        for layer in model.model.bert.encoder.layer:
+            layer.intermediate.dense.weight[::2] = 0  # GELU(bias) of those rows is folded into the next layer
+    batch = next(iter(DataLoader(sentences(4, 0), batch_size=4)))
+    shrunk = shrink(model, batch)
+    layer = shrunk.model.bert.encoder.layer[0]
+    assert tuple(layer.intermediate.dense.weight.shape) == (32, 32) and tuple(layer.output.dense.weight.shape) == (
+        32,
+        32,
+    )
+    with torch.no_grad():
+        assert torch.allclose(shrunk(**batch).logits, model(**batch).logits, atol=1e-5)
+
+
+def test_a_model_the_dependency_graph_cannot_follow_comes_back_unshrunk(monkeypatch):
+    import torch_pruning
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("cannot trace this")
+
+    monkeypatch.setattr(torch_pruning.DependencyGraph, "build_dependency", refuse)
+    mlp = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    with pytest.warns(ShrinkWarning, match="could not follow the model.*cannot trace this.*unshrunk"):
+        shrunk = shrink(mlp, torch.randn(2, 4))
+    assert shrunk is not mlp and shrunk[0].weight.shape == (4, 4)
