@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import math
 import numbers
 from collections.abc import Callable, Sequence
@@ -323,6 +324,10 @@ class MagnitudePruning(Callback):
     ) -> None:
         if trainer.state.fn != "fit" or self.state_key in checkpoint.get("callbacks", {}):
             return
+        legacy = self._legacy_state(checkpoint.get("callbacks", {}))
+        if legacy is not None:
+            self._pending_state = legacy
+            return
         ours = {c.state_key for c in trainer.callbacks if isinstance(c, MagnitudePruning)}
         foreign = [k for k in checkpoint.get("callbacks", {}) if k.startswith(type(self).__name__) and k not in ours]
         if foreign:
@@ -332,6 +337,24 @@ class MagnitudePruning(Callback):
                 "would grow back. Resume with the same `parameters`, `exclude` and `modules`, or load the weights "
                 "into the model yourself and start a new fit without `ckpt_path`."
             )
+
+    def _legacy_state(self, callback_states: dict[str, Any]) -> dict[str, Any] | None:
+        """The state lightning_compress 0.1 saved for the same parameters, under its key that also named the amount and
+        method (``MagnitudePruning{'amount': ..., 'method': ..., 'parameters': ..., 'exclude': ...}``)."""
+        prefix = type(self).__name__
+        for key, state in callback_states.items():
+            if not key.startswith(prefix + "{") or "'amount'" not in key:
+                continue
+            try:
+                fields = ast.literal_eval(key[len(prefix) :])
+            except (ValueError, SyntaxError):
+                continue
+            if not isinstance(fields, dict) or self.modules is not None:
+                continue
+            if fields.get("parameters") == self.parameters and list(fields.get("exclude", [])) == self.exclude:
+                # 0.1 saved no settings: these two are what it said, so a change is warned about as usual
+                return {**state, "settings": {"amount": fields.get("amount"), "method": fields.get("method")}}
+        return None
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After `configure_model`, so layers built there are selected; still before the first training step.

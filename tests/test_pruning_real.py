@@ -264,3 +264,29 @@ def test_plot_is_written_under_the_default_tensorboard_logger(quiet_trainer_kwar
     events = EventAccumulator(trainer.logger.log_dir)
     events.Reload()
     assert "pruning/schedule" in events.Tags()["images"]
+
+
+def test_a_checkpoint_of_version_0_1_resumes_with_its_masks(quiet_trainer_kwargs, tmp_path):
+    """0.1 keyed the state by amount and method too, and saved version 1 state without settings."""
+    kwargs = {**quiet_trainer_kwargs, "enable_checkpointing": True}
+    first = MagnitudePruning(amount=0.8, schedule="linear", make_permanent=False)
+    _trainer(kwargs, [first, ModelCheckpoint(dirpath=tmp_path, save_last=True)], max_epochs=2).fit(
+        DigitsMLP(hidden=32), datamodule=DigitsDataModule()
+    )
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    state = checkpoint["callbacks"].pop(first.state_key)
+    legacy = {k: state[k] for k in ("last_index", "last_target", "generator", "masks")}
+    legacy_key = "MagnitudePruning" + repr(
+        {"amount": 0.8, "method": "l1_unstructured", "parameters": None, "exclude": []}
+    )
+    checkpoint["callbacks"][legacy_key] = {**legacy, "version": 1}
+    torch.save(checkpoint, tmp_path / "v01.ckpt")
+    saved = first.masks
+    pruning = MagnitudePruning(amount=0.5, schedule="linear")
+    with pytest.warns(UserWarning, match=r"amount: 0\.8 -> 0\.5"):
+        _trainer(quiet_trainer_kwargs, [pruning], max_epochs=3).fit(
+            DigitsMLP(hidden=32), datamodule=DigitsDataModule(), ckpt_path=tmp_path / "v01.ckpt"
+        )
+    weights = pruning.selected_parameters
+    for name, keep in saved.items():
+        assert not weights[name][~keep].any(), name
