@@ -95,3 +95,37 @@ class DigitsLSTM(_Classifier):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+class _Residual(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.ReLU(),
+            nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x + self.body(x))
+
+
+class DigitsCNN(_Classifier):
+    """A ResNet-style CNN over the 8x8 image: a stem, two residual blocks with BatchNorm, a linear head.
+
+    ``example_input_array`` (a batch of 64) lets ``MagnitudePruning(structure="groups")`` trace which channels are
+    coupled, and is what ``DynamicQuantization`` times and traces.
+    """
+
+    def __init__(self, channels: int = 32, lr: float = 0.05) -> None:
+        super().__init__(lr)
+        self.save_hyperparameters()
+        self.stem = nn.Sequential(nn.Conv2d(1, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU())
+        self.blocks = nn.Sequential(_Residual(channels), _Residual(channels))
+        self.head = nn.Linear(channels, 10)
+        self.example_input_array = torch.rand(64, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.stem(x.reshape(-1, 1, 8, 8))).mean(dim=(2, 3)))

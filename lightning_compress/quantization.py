@@ -257,6 +257,9 @@ class DynamicQuantization(Callback):
             with _timed(stages, "shrink", announce=not rehearsal):
                 to_quantize = shrink(float_model, inputs[0])
             notes = _shape_changes(float_model, to_quantize)
+            notes.append(
+                "shrink: sparsity in the quantized column is over the shrunk weights (removed channels are gone)"
+            )
         with _timed(stages, "quantize", announce=not rehearsal):
             if self.sparse_kernels == "auto" and not rehearsal:
                 self.kernel_choices = choose_linear_kernels(to_quantize, inputs[0], dtype, names)

@@ -61,3 +61,11 @@ def test_lightning_cli_config(tmp_path, epochs):
     assert "MagnitudePruning [epoch 1]" in out and "lightning_compress summary (qint8" in out
     assert "accuracy guard on val_acc (max)" in out and "val_acc" in out
     assert (tmp_path / "runs" / "digits_cli_int8.ts").exists()
+
+
+def test_cnn_shrink_example(tmp_path):
+    pytest.importorskip("torch_pruning")  # the [shrink] extra
+    out = _run(tmp_path, EXAMPLES / "digits_cnn_shrink.py", "--epochs", "4", "--root", tmp_path / "runs")
+    assert "shrink: " in out and "parameters" in out and "stem channels: 32 trained, 16 in the artifact" in out
+    assert (tmp_path / "runs" / "digits_cnn" / "version_0" / "cnn_int8.lcz").exists()
+    assert "accuracy guard on val_acc" in out
