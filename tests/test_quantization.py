@@ -334,3 +334,11 @@ def test_without_a_pruning_callback_no_sparsity_is_reported(quiet_trainer_kwargs
     quant = DynamicQuantization()
     _fit([quant], quiet_trainer_kwargs, DigitsMLP(hidden=16), max_epochs=1)
     assert not any("sparsity" in key for key in quant.results) and quant.layer_sparsity == {}
+
+
+def test_sharded_strategies_are_refused_at_setup():
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    trainer = pl.Trainer(strategy=ModelParallelStrategy(), accelerator="cpu", devices=1, logger=False)
+    with pytest.raises(ValueError, match="single-device and DDP strategies; got ModelParallelStrategy.*gathered"):
+        DynamicQuantization().setup(trainer, DigitsMLP(hidden=8), "fit")
