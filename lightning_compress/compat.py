@@ -13,6 +13,7 @@ import lightning.pytorch as pl
 import torch
 import torchmetrics
 from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from torch import nn
 
 try:  # lightning >= 2.5
@@ -24,6 +25,16 @@ except ImportError:  # pragma: no cover - older Lightning
 WEIGHT_AVERAGING_CALLBACKS: tuple[type[Callback], ...] = tuple(
     c for c in (StochasticWeightAveraging, WeightAveraging) if c is not None
 )
+
+
+def require_unsharded_strategy(trainer: pl.Trainer, callback: str, why: str) -> None:
+    """Raise a ``ValueError`` naming ``callback`` unless the trainer's strategy is single-device or DDP."""
+    strategy = trainer.strategy
+    if isinstance(strategy, DeepSpeedStrategy) or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+        raise ValueError(
+            f"{callback} supports the single-device and DDP strategies; got {type(strategy).__name__}. "
+            f"Sharded strategies (FSDP, DeepSpeed, model parallel) are not supported yet{why}."
+        )
 
 
 def val_data_source(trainer: pl.Trainer) -> Any:

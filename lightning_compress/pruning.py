@@ -11,7 +11,6 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
@@ -287,12 +286,7 @@ class MagnitudePruning(Callback):
         self._pending_state = None
         if stage != "fit":
             return
-        strategy = trainer.strategy
-        if isinstance(strategy, DeepSpeedStrategy) or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
-            raise ValueError(
-                f"MagnitudePruning supports the single-device and DDP strategies; got {type(strategy).__name__}. "
-                "Sharded strategies (FSDP, DeepSpeed, model parallel) are not supported yet."
-            )
+        compat.require_unsharded_strategy(trainer, "MagnitudePruning", "")
         if self.end is None and trainer.max_epochs in (None, -1) and trainer.max_steps == -1:
             raise ValueError(
                 "`end=None` means the last epoch/step of training, but training is unbounded "

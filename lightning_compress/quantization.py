@@ -21,7 +21,6 @@ import lightning.pytorch as pl
 import torch
 import torchmetrics
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.utils.data import DataLoader
@@ -176,13 +175,11 @@ class DynamicQuantization(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        strategy = trainer.strategy
-        if isinstance(strategy, DeepSpeedStrategy) or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
-            raise ValueError(
-                f"DynamicQuantization supports the single-device and DDP strategies; got {type(strategy).__name__}. "
-                "Sharded strategies (FSDP, DeepSpeed, model parallel) are not supported yet: their parameters are "
-                "shards, and the full model has to be gathered before it can be quantized."
-            )
+        compat.require_unsharded_strategy(
+            trainer,
+            "DynamicQuantization",
+            ": their parameters are shards, and the full model has to be gathered before it can be quantized",
+        )
         if self.dataloader is not None or compat.has_val_data(trainer):
             return
         if self.evaluate:
