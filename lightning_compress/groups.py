@@ -19,7 +19,7 @@ from torch import nn
 
 from lightning_compress import compat
 from lightning_compress.inputs import ModelInput
-from lightning_compress.shrinking import _LAYERS, _PER_CHANNEL, SHRINK_HINT, _first_tensor
+from lightning_compress.shrinking import _LAYERS, _PER_CHANNEL, dependency_graph
 
 
 @dataclasses.dataclass
@@ -38,15 +38,8 @@ def channel_groups(model: nn.Module, example_input: Any, roots: set[str] | None 
     (LayerNorm, attention, any other layer with parameters) are left out: their channels cannot be removed.
     The model is not modified (a copy is traced).
     """
-    try:
-        import torch_pruning as tp
-    except ImportError as error:
-        raise ImportError(SHRINK_HINT.replace("Shrinking", "Pruning by groups")) from error
     copy = compat.uncompiled_copy(model).cpu().eval()
-    example = ModelInput.from_example(example_input).to("cpu")
-    graph = tp.DependencyGraph().build_dependency(
-        copy, example_inputs=example, forward_fn=lambda m, x: x(m), output_transform=_first_tensor, verbose=False
-    )
+    graph = dependency_graph(copy, ModelInput.from_example(example_input).to("cpu"), purpose="Pruning by groups")
     names = {module: name for name, module in copy.named_modules()}
     canonical = {id(p): n for n, p in copy.named_parameters()}
     groups = []

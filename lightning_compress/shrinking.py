@@ -50,19 +50,14 @@ def shrink(model: nn.Module, example_input: Any, atol: float = 1e-5) -> nn.Modul
     Raises:
         ImportError: Torch-Pruning is not installed.
     """
-    try:
-        import torch_pruning as tp
-    except ImportError as error:
-        raise ImportError(SHRINK_HINT) from error
+    torch_pruning()  # before the try below, which turns the analysis' own failures into a warning
     copy = compat.uncompiled_copy(model).eval()
     example = ModelInput.from_example(example_input)
     with torch.no_grad():
         expected = plain_outputs(example(copy))
     reference = compat.uncompiled_copy(copy)
     try:
-        graph = tp.DependencyGraph().build_dependency(
-            copy, example_inputs=example, forward_fn=lambda m, x: x(m), output_transform=_first_tensor, verbose=False
-        )
+        graph = dependency_graph(copy, example)
         names = {module: name for name, module in copy.named_modules()}
         # Lazily: each group is computed when yielded, from the layers as the groups before it left them (indices
         # into a concatenation shift once one of its branches has shrunk).
@@ -87,6 +82,26 @@ def shrink(model: nn.Module, example_input: Any, atol: float = 1e-5) -> nn.Modul
         )
         return reference
     return copy
+
+
+def torch_pruning(purpose: str = "Shrinking") -> Any:
+    """The ``torch_pruning`` module, or an ImportError that says how to install it."""
+    try:
+        import torch_pruning as tp
+    except ImportError as error:
+        raise ImportError(SHRINK_HINT.replace("Shrinking", purpose)) from error
+    return tp
+
+
+def dependency_graph(model: nn.Module, example: ModelInput, purpose: str = "Shrinking") -> Any:
+    """Torch-Pruning's dependency graph of ``model``, traced by calling it on ``example``."""
+    return (
+        torch_pruning(purpose)
+        .DependencyGraph()
+        .build_dependency(
+            model, example_inputs=example, forward_fn=lambda m, x: x(m), output_transform=_first_tensor, verbose=False
+        )
+    )
 
 
 def _shrink_group(graph: Any, group: Any, model: nn.Module, example: ModelInput, names: dict[nn.Module, str]) -> None:
