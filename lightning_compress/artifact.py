@@ -36,7 +36,7 @@ from torch import nn
 from lightning_compress import compressed
 from lightning_compress.backends import torch_internal_warnings_silenced
 from lightning_compress.compressed import DEFAULT_MAX_BYTES, ArtifactError
-from lightning_compress.inputs import ModelInput, forward_adapter, plain_outputs
+from lightning_compress.inputs import ModelInput, forward_adapter, outputs_match, plain_outputs
 
 FORMAT = "lightning_compress.quantized"
 VERSION = 1
@@ -98,7 +98,7 @@ def verify_reproduces(model: nn.Module, loaded: nn.Module, example_input: Any) -
     example = ModelInput.from_example(example_input)
     with torch.inference_mode():
         expected, actual = plain_outputs(example(model)), example(loaded)
-    if not _same(expected, actual):
+    if not outputs_match(expected, actual):
         raise RuntimeError(
             "The saved artifact does not reproduce the model's output on the example batch; the model's forward "
             "may depend on its input's values (data-dependent control flow), which tracing cannot record."
@@ -210,13 +210,3 @@ def _archive_header(archive: BinaryIO, source: str) -> dict[str, Any]:
     if not isinstance(header, dict):
         raise ArtifactError(f"{source} carries a damaged lightning_compress header (not a JSON object)")
     return header
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (tuple, list)):
-        return isinstance(b, (tuple, list)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return a == b

@@ -82,6 +82,28 @@ def plain_outputs(output: Any) -> Any:
     return output
 
 
+def outputs_match(expected: Any, actual: Any, atol: float | None = None, rtol: float = 0.0) -> bool:
+    """Whether two :func:`plain_outputs` match, walking dicts and sequences: tensors of the same shape, equal
+    (``atol=None``) or within ``atol``/``rtol`` (``torch.allclose``); anything else compared with ``==``."""
+    if isinstance(expected, Tensor):
+        if not isinstance(actual, Tensor) or expected.shape != actual.shape:
+            return False
+        return torch.equal(expected, actual) if atol is None else torch.allclose(expected, actual, rtol, atol)
+    if isinstance(expected, dict):
+        return (
+            isinstance(actual, dict)
+            and expected.keys() == actual.keys()
+            and all(outputs_match(expected[k], actual[k], atol, rtol) for k in expected)
+        )
+    if isinstance(expected, (tuple, list)):
+        return (
+            isinstance(actual, (tuple, list))
+            and len(expected) == len(actual)
+            and all(outputs_match(a, b, atol, rtol) for a, b in zip(expected, actual))
+        )
+    return expected == actual
+
+
 def forward_adapter(model: nn.Module, example: ModelInput) -> tuple[nn.Module, dict[str, Any]]:
     """A module whose ``forward`` takes ``example``'s inputs as named parameters and returns :func:`plain_outputs`.
 

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress import compat
-from lightning_compress.inputs import ModelInput, plain_outputs
+from lightning_compress.inputs import ModelInput, outputs_match, plain_outputs
 
 SHRINK_HINT = "Shrinking needs Torch-Pruning: pip install 'lightning_compress[shrink]'"
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -73,7 +73,7 @@ def shrink(model: nn.Module, example_input: Any, atol: float = 1e-5) -> nn.Modul
         return reference
     with torch.no_grad():
         actual = plain_outputs(example(copy))
-    if not _close(expected, actual, atol):
+    if not outputs_match(expected, actual, atol=atol, rtol=1e-4):
         warnings.warn(
             "shrink: the shrunk model's outputs differ from the model's on the example input; returning the model "
             "unshrunk. Please report this with the model's structure.",
@@ -209,25 +209,3 @@ def _first_tensor(output: Any) -> Tensor:
     while not isinstance(plain, Tensor):
         plain = next(iter(plain.values())) if isinstance(plain, dict) else plain[0]
     return plain
-
-
-def _close(expected: Any, actual: Any, atol: float) -> bool:
-    if isinstance(expected, Tensor):
-        return (
-            isinstance(actual, Tensor)
-            and expected.shape == actual.shape
-            and torch.allclose(expected, actual, atol=atol, rtol=1e-4)
-        )
-    if isinstance(expected, dict):
-        return (
-            isinstance(actual, dict)
-            and expected.keys() == actual.keys()
-            and all(_close(expected[k], actual[k], atol) for k in expected)
-        )
-    if isinstance(expected, (list, tuple)):
-        return (
-            isinstance(actual, (list, tuple))
-            and len(expected) == len(actual)
-            and all(_close(a, b, atol) for a, b in zip(expected, actual))
-        )
-    return expected == actual
