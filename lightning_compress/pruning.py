@@ -419,11 +419,7 @@ class MagnitudePruning(Callback):
 
     def _prepare_guard(self, trainer: pl.Trainer) -> None:
         """The schedule's targets in order; fail now if no baseline can exist before the first pruning update."""
-        indices = [
-            i
-            for i in range(self.start, self._resolved_end + 1)
-            if is_update_index(i, self.start, self._resolved_end, self.frequency)
-        ]
+        indices = self._scheduled_indices()
         self._targets = [
             target_sparsity(self.schedule, i, self.amount, self.start, self._resolved_end) for i in indices
         ]
@@ -473,13 +469,20 @@ class MagnitudePruning(Callback):
         """Evaluate a callable schedule at every update index now, so a bad value fails before training."""
         if not callable(self.schedule):
             return
-        for index in range(self.start, self._resolved_end + 1):
-            if is_update_index(index, self.start, self._resolved_end, self.frequency):
-                value = self.schedule(index)
-                if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
-                    raise ValueError(
-                        f"`schedule` returned {value!r} for {self.interval} {index}; it must return a number in [0, 1)"
-                    )
+        for index in self._scheduled_indices():
+            value = self.schedule(index)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
+                raise ValueError(
+                    f"`schedule` returned {value!r} for {self.interval} {index}; it must return a number in [0, 1)"
+                )
+
+    def _scheduled_indices(self) -> list[int]:
+        """The epochs (or steps) from ``start`` to the resolved ``end`` at which the masks are updated."""
+        return [
+            i
+            for i in range(self.start, self._resolved_end + 1)
+            if is_update_index(i, self.start, self._resolved_end, self.frequency)
+        ]
 
     # ------------------------------------------------------------------ training
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -502,13 +505,10 @@ class MagnitudePruning(Callback):
             return
         if index == self._last_index or not is_update_index(index, self.start, self._resolved_end, self.frequency):
             return
-        first = self._last_index is None and not self._history
         target = target_sparsity(self.schedule, index, self.amount, self.start, self._resolved_end)
         self._update_masks(target)
         self._last_index = index
         self._last_target = target
-        if first:
-            self._describe_selection()
         self._report(trainer, f"{self.interval} {index}", index)
 
     def _maybe_guarded_update(self, trainer: pl.Trainer, index: int) -> None:
@@ -519,7 +519,6 @@ class MagnitudePruning(Callback):
         )
         if index == self._last_index or not scheduled:
             return
-        first = self._last_index is None and not self._history
         self._last_index = index
         done = self._position >= len(self._targets)
         target = self._last_target if done else self._targets[self._position]
@@ -542,8 +541,6 @@ class MagnitudePruning(Callback):
             self._roll_back()
         else:  # held with nothing to raise, or stopped after a rollback
             return
-        if first:
-            self._describe_selection()
         self._report(trainer, f"{self.interval} {index}", index)
 
     def _roll_back(self) -> None:
@@ -614,6 +611,8 @@ class MagnitudePruning(Callback):
         return {report.SPARSITY: overall, **{report.SPARSITY_PREFIX + name: v for name, v in by_name.items()}}
 
     def _report(self, trainer: pl.Trainer, when: str, index: int | None) -> None:
+        if index is not None and not self._history:
+            self._describe_selection()  # once, at the first update of the callback's life
         metrics = self.measured_sparsity()
         metrics[report.TARGET] = self._last_target
         metrics[report.COVERAGE] = self._coverage
