@@ -1,10 +1,11 @@
 """The mask engine: scores, an exact k-th-smallest threshold, growing-only masks, in-place application.
 
-Masks follow ``torch.nn.utils.prune``'s convention: nonzero keeps a weight, 0 prunes it. In memory a mask is an
-integer tensor as wide as the weight's dtype (int32 for float32), all bits set where the weight is kept, on the
-weight's device: re-applying it after every optimizer step is one in-place bitwise AND of the weight's bits
-(:func:`apply_masks`), as fast as a multiply by a float mask and exact where a multiply is not: a pruned NaN or
-inf becomes 0 (``nan * 0`` is NaN). Figures in ``benchmarks/README.md``. Checkpoints store masks as bool.
+Masks follow ``torch.nn.utils.prune``'s convention: nonzero keeps a weight, 0 prunes it. In memory a mask is one
+byte per weight (``int8``: -1, all bits set, keeps; 0 prunes), on the weight's device. Re-applying it after every
+optimizer step (:func:`apply_masks`) widens it, a slice of at most ``APPLY_CHUNK`` entries at a time, to an integer
+as wide as the weight (sign extension keeps all bits set) and ANDs that into the weight's bits: exact where a
+multiply is not (a pruned NaN or inf becomes 0; ``nan * 0`` is NaN), at a quarter of the steady memory of a float32
+mask. Figures in ``benchmarks/README.md``. Checkpoints store masks as bool.
 
 Selection rule (the same count and, for magnitude scores, the same entries as ``torch.nn.utils.prune``):
 at target sparsity ``s`` over ``n`` candidates, ``round(s * n)`` entries end pruned (Python rounding, as
@@ -44,22 +45,23 @@ def count_to_prune(sparsity: float, n: int) -> int:
     return round(sparsity * n)
 
 
-_MASK_DTYPES = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def mask_dtype(weight_dtype: torch.dtype) -> torch.dtype:
-    """The integer dtype of a mask for weights of ``weight_dtype``: as wide, so the weight's bits can be ANDed."""
-    return _MASK_DTYPES[torch.empty((), dtype=weight_dtype).element_size()]
+#: The dtype of every mask: one byte per weight.
+MASK_DTYPE = torch.int8
+# The signed integer as wide as a weight's dtype, by element size: what a mask is widened to before the AND.
+_WIDE_DTYPES = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+# Masks are widened this many entries at a time: a 4 MB temporary for float32 weights, however large the tensor.
+# Measured against widening whole tensors and against 2^18..2^21 (DESIGN.md): as fast as whole tensors here.
+APPLY_CHUNK = 1 << 20
 
 
 def new_mask(weight: Tensor) -> Tensor:
     """A mask that keeps every entry of ``weight`` (all bits set), on its device."""
-    return torch.full(weight.shape, -1, dtype=mask_dtype(weight.dtype), device=weight.device)
+    return torch.full(weight.shape, -1, dtype=MASK_DTYPE, device=weight.device)
 
 
 def mask_from_bool(keep: Tensor, weight: Tensor) -> Tensor:
     """The engine's mask for ``weight`` from a bool tensor (True keeps)."""
-    return keep.to(device=weight.device, dtype=mask_dtype(weight.dtype)).neg_()
+    return keep.to(device=weight.device, dtype=MASK_DTYPE).neg_()
 
 
 def _sortable_keys(scores: Tensor, mask: Tensor, wide: bool) -> Tensor:
@@ -125,7 +127,7 @@ def prune_smallest(scores: ScoreSource, masks: Sequence[Tensor], k: int) -> None
     total = sum(m.numel() for m in masks)
     if k > total:
         raise ValueError(f"cannot prune {k} entries out of {total}")
-    wide = any(m.element_size() == 8 for m in masks)
+    wide = any(scores(i, 0, 0).element_size() == 8 for i in range(len(masks)))
 
     def chunks() -> Iterator[tuple[Tensor, Tensor]]:
         for i, mask in enumerate(masks):
@@ -261,12 +263,19 @@ def update_grouped(
 
 @torch.no_grad()
 def apply_masks(weights: Iterable[Tensor], masks: Iterable[Tensor]) -> None:
-    """Set the pruned entries to exactly 0 in place: a bitwise AND of each weight's bits with its mask.
+    """Set the pruned entries to exactly 0 in place: a bitwise AND of each weight's bits with its widened mask.
 
-    Unlike ``w *= mask``, a pruned NaN or inf becomes 0; the cost is the same one pass over the weights.
+    Unlike ``w *= mask``, a pruned NaN or inf becomes 0. Weights must be contiguous (parameters are).
     """
     for w, m in zip(weights, masks):
-        w.view(m.dtype).bitwise_and_(m)
+        bits = w.view(_WIDE_DTYPES[w.element_size()]).view(-1)
+        flat = m.view(-1)
+        if bits.dtype == flat.dtype:
+            bits.bitwise_and_(flat)
+            continue
+        for start in range(0, bits.numel(), APPLY_CHUNK):
+            stop = start + APPLY_CHUNK
+            bits[start:stop].bitwise_and_(flat[start:stop].to(bits.dtype))
 
 
 def prune_by_magnitude(weights: Sequence[Tensor], sparsity: float, scope: str = "global") -> list[Tensor]:

@@ -166,7 +166,7 @@ def test_apply_masks_zeroes_pruned_nan_and_inf_and_keeps_the_rest_bit_exact(dtyp
     keep = torch.tensor([False, False, False, False, True, True])
     before = weight.clone()
     mask = engine.mask_from_bool(keep, weight)
-    assert mask.element_size() == weight.element_size()
+    assert mask.element_size() == 1  # one byte per weight, whatever the weight's width
     engine.apply_masks([weight], [mask])
     assert torch.equal(weight[~keep], torch.zeros(4, dtype=dtype)) and not weight[~keep].signbit().any()
     assert torch.equal(weight[4:5], before[4:5]) and weight[5].isnan()
@@ -206,3 +206,13 @@ def test_grouped_update_scores_coupled_slices_together_and_only_grows():
     engine.update_grouped(params, masks, [group], 4 / 6, norm=2)
     pruned = {c for c in range(6) if not masks["conv"].reshape(6, -1)[c].any()}
     assert expected < pruned and len(pruned) == 4
+
+
+def test_apply_masks_widens_chunk_by_chunk_and_matches_a_multiply(monkeypatch):
+    monkeypatch.setattr(engine, "APPLY_CHUNK", 7)  # tensors span several chunks, the last one partial
+    torch.manual_seed(0)
+    weights = [torch.randn(5, 9), torch.randn(3), torch.randn(2, 2, 4, dtype=torch.float64)]
+    keeps = [torch.rand(w.shape) > 0.4 for w in weights]
+    expected = [w * k for w, k in zip(weights, keeps)]
+    engine.apply_masks(weights, [engine.mask_from_bool(k, w) for k, w in zip(keeps, weights)])
+    assert all(torch.equal(w, e) for w, e in zip(weights, expected))
