@@ -37,6 +37,16 @@ def require_unsharded_strategy(trainer: pl.Trainer, callback: str, why: str) -> 
         )
 
 
+def local_shard_offset(parameter: Any) -> tuple[int, ...]:
+    """Where a ``DTensor``'s local shard starts in the full tensor, per dim (torch's private
+    ``compute_local_shape_and_global_offset``, torch 2.13; DCP uses it to place shards). No public API says where an
+    uneven shard starts; recomputing ``torch.chunk``'s sizes by hand would repeat it."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(parameter.shape, parameter.device_mesh, parameter.placements)
+    return tuple(offset)
+
+
 def val_data_source(trainer: pl.Trainer) -> Any:
     """The fit loop's validation data source (``val_loop._data_source``, private in Lightning 2.x).
 

@@ -17,19 +17,25 @@ the current sparsity changes nothing.
 The threshold is found without concatenating scores: a radix select over the scores' IEEE-754 bit
 patterns (which sort like the values for non-negative floats) builds a 16-bit histogram per pass, one
 tensor at a time, so extra memory is a few temporaries of the largest single tensor, not a copy of all.
+
+Sharded tensors: each process may hold only a :class:`Part` of each tensor (a contiguous range of its flat
+entries, as FSDP2 shards dim 0). A :class:`Collective` then sums the counts and histograms and concatenates the
+threshold's candidates across processes, and ties are broken by the index in the full tensor, so every process
+finds the masks a single process holding the full tensors would (see :mod:`lightning_compress.sharding`).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 #: ``scores(i, start, stop)`` is the flat chunk ``[start, stop)`` of the non-negative scores of the i-th
-#: tensor, in row-major order of its entries; the same values on every call.
+#: (local) tensor, in row-major order of its entries; the same values on every call.
 ScoreSource = Callable[[int, int, int], Tensor]
 
 _RADIX_BITS = 16
@@ -38,6 +44,47 @@ _RADIX_BITS = 16
 CHUNK = 1 << 18
 # The exact k-th score is finished by sorting the entries of its radix bucket once they are at most this many.
 CANDIDATE_LIMIT = 1 << 22
+
+
+@dataclass(frozen=True)
+class Part:
+    """Which entries of a full tensor a process's local tensor holds: flat entries ``[offset, offset + local numel)``
+    of ``total``. ``counted=False`` marks a replica (another process holds the same entries and counts them)."""
+
+    offset: int
+    total: int
+    counted: bool = True
+
+
+class Collective(Protocol):
+    """Reductions over the processes that hold the parts of the tensors (every process calls each one alike)."""
+
+    def sum(self, tensor: Tensor) -> Tensor: ...
+
+    def max(self, tensor: Tensor) -> Tensor: ...
+
+    def cat(self, tensor: Tensor) -> Tensor: ...
+
+
+class _Local:
+    """One process holding whole tensors: every reduction is the identity."""
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        return tensor
+
+    def max(self, tensor: Tensor) -> Tensor:
+        return tensor
+
+    def cat(self, tensor: Tensor) -> Tensor:
+        return tensor
+
+
+LOCAL: Collective = _Local()
+
+
+def whole(tensors: Sequence[Tensor]) -> list[Part]:
+    """The parts of tensors that a process holds entirely."""
+    return [Part(0, t.numel()) for t in tensors]
 
 
 def count_to_prune(sparsity: float, n: int) -> int:
@@ -74,14 +121,15 @@ def _sortable_keys(scores: Tensor, mask: Tensor, wide: bool) -> Tensor:
 
 
 def _narrow_prefix(
-    keys: Callable[[], Iterable[Tensor]], k: int, bits: int, zeros_to_ignore: int
+    keys: Callable[[], Iterable[Tensor]], k: int, bits: int, zeros_to_ignore: int, collective: Collective
 ) -> tuple[int, int, int, int]:
     """Radix-narrow the range of the ``k``-th smallest key (1-based) until it holds at most ``CANDIDATE_LIMIT``.
 
     Each pass histograms the next 16 bits of the keys that share the prefix found so far (one full pass over
     the keys, one chunk at a time). ``zeros_to_ignore`` keys equal to 0 (the already pruned entries) are left
-    out of the counts. Returns ``(prefix, shift, below, count)``: the k-th key satisfies
-    ``key >> shift == prefix``, ``below`` keys have a smaller prefix and ``count`` keys this one.
+    out of the counts. Histograms are summed over processes by ``collective`` (one all-reduce of 65,536 counts
+    per pass). Returns ``(prefix, shift, below, count)``: the k-th key satisfies ``key >> shift == prefix``,
+    ``below`` keys have a smaller prefix and ``count`` keys (over all processes) this one.
     """
     prefix, done, below = 0, 0, 0
     while done < bits:
@@ -96,6 +144,7 @@ def _narrow_prefix(
             if done:
                 key = key & ((1 << width) - 1)
             hist += torch.bincount(key, minlength=1 << width).cpu()
+        hist = collective.sum(hist)
         if prefix == 0:
             hist[0] -= zeros_to_ignore
         cumulative = hist.cumsum(0)
@@ -108,44 +157,63 @@ def _narrow_prefix(
     return prefix, bits - done, below, int(hist[bucket])
 
 
-def prune_smallest(scores: ScoreSource, masks: Sequence[Tensor], k: int) -> None:
+def prune_smallest(
+    scores: ScoreSource,
+    masks: Sequence[Tensor],
+    k: int,
+    parts: Sequence[Part] | None = None,
+    collective: Collective = LOCAL,
+) -> None:
     """Grow ``masks`` in place so that ``max(k, already pruned)`` entries are pruned in total.
 
     The newly pruned entries are the unpruned ones with the smallest scores over all tensors together;
     ties at the threshold go to the lowest index (see the module docstring). ``scores`` is asked for each
-    chunk two or more times and must return the same values.
+    chunk two or more times and must return the same values. With ``parts`` (sharded tensors), ``k`` counts
+    entries of the full tensors and ``collective`` joins the processes' counts.
 
     Cost: one pass per 16 bits of key needed to narrow the k-th score's bucket to ``CANDIDATE_LIMIT``
     entries (one pass for float32 weights of ordinary spread), then one pass that prunes every entry of a
     lower bucket and gathers the candidates of that bucket, which a stable sort by key (ties: by position)
     finishes exactly.
     """
-    already = sum(m.numel() - int(torch.count_nonzero(m)) for m in masks)
+    parts = list(parts) if parts is not None else whole(masks)
+    local_zeros = sum(m.numel() - int(torch.count_nonzero(m)) for m, p in zip(masks, parts) if p.counted)
+    already = int(collective.sum(torch.tensor([local_zeros], dtype=torch.int64))[0])
     new = k - already
     if new <= 0:
         return
-    total = sum(m.numel() for m in masks)
+    total = sum(p.total for p in parts)
     if k > total:
         raise ValueError(f"cannot prune {k} entries out of {total}")
     wide = any(scores(i, 0, 0).element_size() == 8 for i in range(len(masks)))
 
-    def chunks() -> Iterator[tuple[Tensor, Tensor]]:
+    def chunks(counted_only: bool) -> Iterator[tuple[Tensor, Tensor, int, int]]:
         for i, mask in enumerate(masks):
+            if counted_only and not parts[i].counted:
+                continue
             flat = mask.view(-1)
             for start in range(0, flat.numel(), CHUNK):
                 stop = min(start + CHUNK, flat.numel())
-                yield _sortable_keys(scores(i, start, stop), flat[start:stop], wide), flat[start:stop]
+                yield _sortable_keys(scores(i, start, stop), flat[start:stop], wide), flat[start:stop], i, start
 
-    prefix, shift, below, count = _narrow_prefix(lambda: (key for key, _ in chunks()), new, 63 if wide else 31, already)
+    prefix, shift, below, count = _narrow_prefix(
+        lambda: (key for key, *_ in chunks(True)), new, 63 if wide else 31, already, collective
+    )
     # Candidates go into buffers sized up front: appending many small tensors between the chunks' large
-    # temporaries fragments the heap (measured: +250 MB resident on 50M weights).
+    # temporaries fragments the heap (measured: +250 MB resident on 50M weights). Positions are flat indices in
+    # the concatenation of the full tensors, in selection order.
+    bases = [0]
+    for part in parts:
+        bases.append(bases[-1] + part.total)
     cand_keys = torch.empty(count, dtype=torch.int64 if wide else torch.int32)
-    cand_position = torch.empty(count, dtype=torch.int64)  # chunk number * CHUNK + index in the chunk
-    chunk_masks, filled = [], 0
-    for key, flat_mask in chunks():
+    cand_position = torch.empty(count, dtype=torch.int64)
+    filled = 0
+    for key, flat_mask, i, start in chunks(False):
         high = key >> shift if shift else key
         # Multiplying by the uint8 view of the comparison beat masked_fill_ several times over (DESIGN.md).
-        flat_mask.mul_((high >= prefix).view(torch.uint8).to(flat_mask.dtype))  # all-ones * 1 keeps all bits
+        flat_mask.mul_((high >= prefix).view(torch.uint8).to(flat_mask.dtype))  # -1 * 1 keeps all bits
+        if not parts[i].counted:
+            continue  # a replica: the processes that count these entries propose the candidates
         in_bucket = high == prefix
         if prefix == 0:
             in_bucket &= flat_mask != 0
@@ -153,15 +221,20 @@ def prune_smallest(scores: ScoreSource, masks: Sequence[Tensor], k: int) -> None
         n = index.numel()
         if n:
             cand_keys[filled : filled + n] = key[index].cpu()
-            cand_position[filled : filled + n] = index.cpu() + len(chunk_masks) * CHUNK
+            cand_position[filled : filled + n] = index.cpu() + (bases[i] + parts[i].offset + start)
             filled += n
-        chunk_masks.append(flat_mask)
-    # Candidates were gathered in position order, so a stable sort by key breaks ties by lowest position.
-    chosen = cand_position[torch.sort(cand_keys, stable=True).indices[: new - below]]
-    chunk_of_chosen = chosen // CHUNK
-    for chunk_id in torch.unique(chunk_of_chosen).tolist():
-        flat_mask = chunk_masks[chunk_id]
-        flat_mask[(chosen[chunk_of_chosen == chunk_id] % CHUNK).to(flat_mask.device)] = 0
+    cand_keys, cand_position = collective.cat(cand_keys[:filled]), collective.cat(cand_position[:filled])
+    if collective is not LOCAL:  # one process gathers its candidates in position order; several interleave
+        order = torch.argsort(cand_position)
+        cand_keys, cand_position = cand_keys[order], cand_position[order]
+    # Candidates are in position order, so a stable sort by key breaks ties by lowest position.
+    chosen = torch.sort(cand_position[torch.sort(cand_keys, stable=True).indices[: new - below]]).values
+    for i, mask in enumerate(masks):
+        low = bases[i] + parts[i].offset
+        bounds = torch.searchsorted(chosen, torch.tensor([low, low + mask.numel()]))
+        mine = chosen[int(bounds[0]) : int(bounds[1])] - low
+        if mine.numel():
+            mask.view(-1)[mine.to(mask.device)] = 0
 
 
 def l1_scores(weights: Sequence[Tensor]) -> ScoreSource:
@@ -170,19 +243,28 @@ def l1_scores(weights: Sequence[Tensor]) -> ScoreSource:
     return lambda i, start, stop: flats[i][start:stop].abs()
 
 
-def random_scores(weights: Sequence[Tensor], generator: torch.Generator) -> ScoreSource:
+def random_scores(
+    weights: Sequence[Tensor], generator: torch.Generator, parts: Sequence[Part] | None = None
+) -> ScoreSource:
     """Uniform random scores in [0, 1), reproducible from ``generator`` (a CPU generator) alone.
 
-    One seed per weight is drawn from ``generator`` now; the chunk starting at ``start`` is drawn from a
-    generator seeded with that seed plus ``start``. Each call thus regenerates the same scores without
-    keeping them, and the sequence of masks follows from the generator state alone (saved in checkpoints;
-    the same on every DDP rank).
+    One seed per weight is drawn from ``generator`` now; the entries ``[c, c + CHUNK)`` of the full tensor
+    (``c`` a multiple of ``CHUNK``) are drawn from a generator seeded with that seed plus ``c``. Each call thus
+    regenerates the same scores without keeping them, the sequence of masks follows from the generator state
+    alone (saved in checkpoints; the same on every rank), and a sharded tensor's entries get the scores they
+    would get whole, whatever the ``parts``.
     """
     seeds = torch.randint(0, 2**62, (len(weights),), generator=generator).tolist()
+    parts = list(parts) if parts is not None else whole(weights)
 
     def score(i: int, start: int, stop: int) -> Tensor:
-        chunk_generator = torch.Generator().manual_seed(seeds[i] + start)
-        return torch.rand(stop - start, generator=chunk_generator).to(weights[i].device)
+        first, last = parts[i].offset + start, parts[i].offset + stop
+        drawn = [torch.empty(0)]
+        for chunk in range(first - first % CHUNK, last, CHUNK):
+            size = min(CHUNK, parts[i].total - chunk)
+            drawn.append(torch.rand(size, generator=torch.Generator().manual_seed(seeds[i] + chunk)))
+        begin = first % CHUNK
+        return torch.cat(drawn)[begin : begin + stop - start].to(weights[i].device)
 
     return score
 
@@ -198,35 +280,85 @@ def _slice_mask_view(mask: Tensor, dim: int) -> Tensor:
     """A vector of the mask's dtype, 1 for each slice along ``dim`` that is kept, 0 for each fully pruned slice."""
     dims = list(range(mask.dim()))
     dims.remove(dims[dim])
-    return (mask != 0).any(dim=dims).to(mask.dtype) if dims else (mask != 0).to(mask.dtype)
+    if not dims:
+        return (mask != 0).to(mask.dtype)
+    if mask.numel() == 0:  # an empty shard holds no entry of any slice
+        return torch.zeros(mask.shape[dim], dtype=mask.dtype, device=mask.device)
+    return (mask != 0).any(dim=dims).to(mask.dtype)
 
 
 def update_unstructured(
-    weights: Sequence[Tensor], masks: Sequence[Tensor], sparsity: float, scores: ScoreSource, scope: str
+    weights: Sequence[Tensor],
+    masks: Sequence[Tensor],
+    sparsity: float,
+    scores: ScoreSource,
+    scope: str,
+    parts: Sequence[Part] | None = None,
+    collective: Collective = LOCAL,
 ) -> None:
     """Grow the masks to ``sparsity``: one threshold over all tensors (``"global"``) or one per tensor."""
+    parts = list(parts) if parts is not None else whole(weights)
     if scope == "global":
-        n = sum(w.numel() for w in weights)
-        prune_smallest(scores, masks, count_to_prune(sparsity, n))
+        n = sum(p.total for p in parts)
+        prune_smallest(scores, masks, count_to_prune(sparsity, n), parts, collective)
         return
-    for i, (w, m) in enumerate(zip(weights, masks)):
-        prune_smallest(lambda _, a, b, i=i: scores(i, a, b), [m], count_to_prune(sparsity, w.numel()))
+    for i, (m, part) in enumerate(zip(masks, parts)):
+        score = lambda _, a, b, i=i: scores(i, a, b)  # noqa: E731
+        prune_smallest(score, [m], count_to_prune(sparsity, part.total), [part], collective)
 
 
 def update_structured(
-    weights: Sequence[Tensor], masks: Sequence[Tensor], sparsity: float, norm: float, dim: int
+    weights: Sequence[Tensor],
+    masks: Sequence[Tensor],
+    sparsity: float,
+    norm: float,
+    dim: int,
+    parts: Sequence[Part] | None = None,
+    collective: Collective = LOCAL,
 ) -> None:
     """Grow each mask to ``round(sparsity * slices)`` fully pruned slices along ``dim``, by smallest Ln norm.
 
     Slices already pruned count first (their norm is 0); matches ``torch.nn.utils.prune.ln_structured``.
+    With ``parts``, the local tensors are row blocks (dim 0) of the full ones: slices along dim 0 are whole on
+    one process and pruned as the parts of one vector of norms; a slice along another dim spans processes, and
+    its norm is the ``norm``-th root of the sum of the processes' partial sums of ``|w|^norm`` (the max for inf).
     """
-    for w, m in zip(weights, masks):
-        slice_mask = _slice_mask_view(m, dim)
-        norms = channel_norms(w, norm, dim)
-        prune_smallest(lambda _, a, b, norms=norms: norms[a:b], [slice_mask], count_to_prune(sparsity, w.shape[dim]))
+    for w, m, part in zip(weights, masks, parts if parts is not None else whole(weights)):
+        dim_ = dim % w.dim()
         shape = [1] * w.dim()
-        shape[dim] = w.shape[dim]
+        shape[dim_] = w.shape[dim_]
+        slice_mask = _slice_mask_view(m, dim_)
+        if parts is None:
+            norms = channel_norms(w, norm, dim_)
+            prune_smallest(lambda _, a, b, norms=norms: norms[a:b], [slice_mask], count_to_prune(sparsity, len(norms)))
+        elif dim_ == 0:
+            row = math.prod(w.shape[1:])
+            rows = Part(part.offset // row if row else 0, part.total // row if row else 0, part.counted)
+            norms = channel_norms(w, norm, 0)
+            prune_smallest(
+                lambda _, a, b, norms=norms: norms[a:b],
+                [slice_mask],
+                count_to_prune(sparsity, rows.total),
+                [rows],
+                collective,
+            )
+        else:
+            norms = _partial_norms(w, norm, dim_, part.counted, collective)
+            local_kept = slice_mask.cpu().long() if part.counted else torch.zeros(len(norms), dtype=torch.int64)
+            slice_mask = collective.max(local_kept).to(m.device, m.dtype)
+            prune_smallest(lambda _, a, b, norms=norms: norms[a:b], [slice_mask], count_to_prune(sparsity, len(norms)))
         m.mul_(slice_mask.view(shape))
+
+
+def _partial_norms(weight: Tensor, norm: float, dim: int, counted: bool, collective: Collective) -> Tensor:
+    """The Ln norm of each slice along ``dim`` of a tensor whose rows are spread over processes."""
+    dims = [d for d in range(weight.dim()) if d != dim]
+    values = weight.detach().abs().double()
+    if math.isinf(norm):
+        local = values.amax(dim=dims) if values.numel() else torch.zeros(weight.shape[dim], dtype=torch.float64)
+        return collective.max(local.cpu() if counted else torch.zeros_like(local.cpu())).to(weight.dtype)
+    local = values.pow(norm).sum(dim=dims)
+    return collective.sum(local.cpu() if counted else torch.zeros_like(local.cpu())).pow(1 / norm).to(weight.dtype)
 
 
 def update_grouped(
