@@ -13,7 +13,13 @@ import lightning.pytorch as pl
 import torch
 import torchmetrics
 from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+    SingleDeviceStrategy,
+)
 from torch import nn
 
 try:  # lightning >= 2.5
@@ -27,14 +33,39 @@ WEIGHT_AVERAGING_CALLBACKS: tuple[type[Callback], ...] = tuple(
 )
 
 
-def require_unsharded_strategy(trainer: pl.Trainer, callback: str, why: str) -> None:
-    """Raise a ``ValueError`` naming ``callback`` unless the trainer's strategy is single-device or DDP."""
+_DEEPSPEED_WHY = (
+    "DeepSpeed's ZeRO keeps the weights its optimizer updates in its own partitioned float32 buffers, outside the "
+    "module's parameters and the optimizers Lightning exposes, so weights zeroed in the module would be written "
+    "back by the next step"
+)
+_FSDP1_WHY = (
+    "FSDPStrategy (FSDP1) flattens the parameters into FlatParameters, whose names and shapes are not the layers'; "
+    "use ModelParallelStrategy and apply torch.distributed.fsdp.fully_shard (FSDP2) in configure_model"
+)
+
+
+def is_sharded_strategy(trainer: pl.Trainer) -> bool:
+    """Whether the trainer runs ``ModelParallelStrategy`` (parameters may be ``DTensor`` shards)."""
+    return isinstance(trainer.strategy, ModelParallelStrategy)
+
+
+def require_supported_strategy(trainer: pl.Trainer, callback: str) -> None:
+    """Raise a ``ValueError`` naming ``callback`` unless the strategy is single-device, DDP or ModelParallel."""
     strategy = trainer.strategy
-    if isinstance(strategy, DeepSpeedStrategy) or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
-        raise ValueError(
-            f"{callback} supports the single-device and DDP strategies; got {type(strategy).__name__}. "
-            f"Sharded strategies (FSDP, DeepSpeed, model parallel) are not supported yet{why}."
-        )
+    supported = (SingleDeviceStrategy, DDPStrategy, ModelParallelStrategy)
+    if isinstance(strategy, supported) and not isinstance(strategy, (DeepSpeedStrategy, FSDPStrategy)):
+        return
+    why = (
+        _DEEPSPEED_WHY
+        if isinstance(strategy, DeepSpeedStrategy)
+        else _FSDP1_WHY
+        if isinstance(strategy, FSDPStrategy)
+        else "it is neither single-device, DDP nor ModelParallelStrategy"
+    )
+    raise ValueError(
+        f"{callback} supports the single-device, DDP and ModelParallelStrategy (FSDP2's fully_shard) strategies; got "
+        f"{type(strategy).__name__}: {why}."
+    )
 
 
 def local_shard_offset(parameter: Any) -> tuple[int, ...]:

@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_compress import compat, measure, report
+from lightning_compress import compat, measure, report, sharding
 from lightning_compress import masks as mask_engine
 from lightning_compress.guard import HOLD, RAISE, ROLL_BACK, AccuracyGuard
 from lightning_compress.schedules import is_update_index, target_sparsity, validate_schedule
@@ -212,7 +212,9 @@ class MagnitudePruning(Callback):
 
         self._names: list[str] = []
         self._aliases: dict[str, list[str]] = {}
-        self._weights: list[Tensor] = []
+        self._params: list[Tensor] = []
+        self._parts: list[mask_engine.Part] = []
+        self._collective: mask_engine.Collective = mask_engine.LOCAL
         self._masks: list[Tensor] | None = None
         self._coverage = float("nan")
         self._last_index: int | None = None
@@ -250,15 +252,32 @@ class MagnitudePruning(Callback):
 
     @property
     def selected_parameters(self) -> dict[str, Tensor]:
-        """The selected parameters by canonical name (from ``on_train_start`` on)."""
-        return dict(zip(self._names, self._weights))
+        """The selected parameters by canonical name (from ``on_train_start`` on); ``DTensor``s when sharded."""
+        return dict(zip(self._names, self._params))
 
     @property
     def masks(self) -> dict[str, Tensor]:
-        """The current masks as bool tensors (True keeps a weight), empty when there are none."""
+        """The current masks as bool tensors (True keeps a weight), empty when there are none.
+
+        Under a sharded strategy, each is this process's shard (the rows of the parameter's local tensor); see
+        :meth:`gathered_masks` for the full masks.
+        """
         if self._masks is None:
             return {}
         return {name: mask != 0 for name, mask in zip(self._names, self._masks)}
+
+    def gathered_masks(self) -> dict[str, Tensor]:
+        """The full masks as bool CPU tensors (True keeps), whether or not the parameters are sharded.
+
+        Under a sharded strategy this gathers the shards: call it on every process, as any collective.
+        """
+        if self._masks is None:
+            return {}
+        return {name: sharding.full_keep(p, m) for name, p, m in zip(self._names, self._params, self._masks)}
+
+    def _local(self) -> list[Tensor]:
+        """The tensors this process holds of the selected parameters (the parameters themselves unless sharded)."""
+        return [sharding.local(p) for p in self._params]
 
     @property
     def schedule_end(self) -> int | None:
@@ -286,7 +305,9 @@ class MagnitudePruning(Callback):
         self._pending_state = None
         if stage != "fit":
             return
-        compat.require_unsharded_strategy(trainer, "MagnitudePruning", "")
+        compat.require_supported_strategy(trainer, "MagnitudePruning")
+        if compat.is_sharded_strategy(trainer):
+            self._check_sharded_settings(trainer)
         if self.end is None and trainer.max_epochs in (None, -1) and trainer.max_steps == -1:
             raise ValueError(
                 "`end=None` means the last epoch/step of training, but training is unbounded "
@@ -298,6 +319,21 @@ class MagnitudePruning(Callback):
                 seed = trainer.strategy.broadcast(int(torch.randint(0, 2**62, ()).item()), src=0)
             self._generator = torch.Generator().manual_seed(int(seed))
         self._run_after_weight_averaging(trainer)
+
+    def _check_sharded_settings(self, trainer: pl.Trainer) -> None:
+        """What is not supported yet under ModelParallelStrategy fails here, before training."""
+        averaging = [type(c).__name__ for c in trainer.callbacks if isinstance(c, compat.WEIGHT_AVERAGING_CALLBACKS)]
+        unsupported = {
+            "structure='groups'": self.structure == "groups",  # traces the whole model on one process
+            f"max_drop={self.max_drop}": self.max_drop is not None,  # its snapshot is not gathered into checkpoints
+            f"callbacks {averaging}": bool(averaging),  # they average full weights, not shards
+        }
+        found = [setting for setting, present in unsupported.items() if present]
+        if found:
+            raise ValueError(
+                f"MagnitudePruning under {type(trainer.strategy).__name__} (sharded parameters) does not support "
+                f"{', '.join(found)} yet. Remove them, or train with DDP or a single device."
+            )
 
     def _run_after_weight_averaging(self, trainer: pl.Trainer) -> None:
         """Move this callback after SWA/EMA-style callbacks, so that its train-end masking sees their final weights.
@@ -398,17 +434,19 @@ class MagnitudePruning(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         named = dict(pl_module.named_parameters())
-        self._weights = [named[name] for name in self._names]
+        self._params = [named[name] for name in self._names]
+        self._locate_shards(trainer)
         if self._pending_state is not None:
             self._restore(self._pending_state)
             self._pending_state = None
         else:
             self._last_index = None  # a new fit, not a resumed one: its schedule starts over (masks only grow)
+        weights = self._local()
         if self._masks is None:
-            self._masks = [mask_engine.new_mask(w) for w in self._weights]
+            self._masks = [mask_engine.new_mask(w) for w in weights]
         else:
-            self._masks = [m.to(w.device) for m, w in zip(self._masks, self._weights)]
-        mask_engine.apply_masks(self._weights, self._masks)
+            self._masks = [m.to(w.device) for m, w in zip(self._masks, weights)]
+        mask_engine.apply_masks(weights, self._masks)
         self._resolved_end = self._resolve_end(trainer)
         self._check_schedule_values()
         if self._guard is not None:
@@ -416,6 +454,25 @@ class MagnitudePruning(Callback):
         self._remove_hooks()
         for optimizer in trainer.optimizers:
             self._hook_handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
+
+    def _locate_shards(self, trainer: pl.Trainer) -> None:
+        """Which part of each selected parameter this process holds, and how the processes' counts are joined.
+
+        Sharded (``DTensor``) parameters hold row blocks; a parameter left unsharded under a sharded strategy is a
+        full copy on every process, counted on rank zero only. Without sharding every process holds everything
+        (DDP ranks compute the same masks each on its own).
+        """
+        if not any(sharding.is_sharded(p) for p in self._params):
+            self._parts = mask_engine.whole(self._params)
+            self._collective = mask_engine.LOCAL
+            return
+        self._parts = [
+            sharding.part_of(name, p)
+            if sharding.is_sharded(p)
+            else mask_engine.Part(0, p.numel(), trainer.is_global_zero)
+            for name, p in zip(self._names, self._params)
+        ]
+        self._collective = sharding.ProcessGroupCollective()
 
     def _prepare_guard(self, trainer: pl.Trainer) -> None:
         """The schedule's targets in order; fail now if no baseline can exist before the first pruning update."""
@@ -497,7 +554,7 @@ class MagnitudePruning(Callback):
             self._maybe_update(trainer, trainer.fit_loop.epoch_loop.total_batch_idx if manual else trainer.global_step)
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        mask_engine.apply_masks(self._weights, self._masks)
+        mask_engine.apply_masks(self._local(), self._masks)
 
     def _maybe_update(self, trainer: pl.Trainer, index: int) -> None:
         if self._guard is not None:
@@ -560,54 +617,68 @@ class MagnitudePruning(Callback):
         sparse = pruned > 0.5
         values = [
             w.detach()[k.to(w.device)].cpu() if sparse else w.detach().cpu().clone()
-            for w, k in zip(self._weights, keep)
+            for w, k in zip(self._local(), keep)
         ]
         self._snapshot = {"keep": keep, "values": values, "sparse": sparse, "target": self._last_target}
 
     def _restore_snapshot(self) -> None:
         snapshot = self._snapshot
         with torch.no_grad():
-            for i, (w, keep, values) in enumerate(zip(self._weights, snapshot["keep"], snapshot["values"])):
+            for i, (w, keep, values) in enumerate(zip(self._local(), snapshot["keep"], snapshot["values"])):
                 if snapshot["sparse"]:
                     w.zero_()
                     w[keep.to(w.device)] = values.to(device=w.device, dtype=w.dtype)
                 else:
                     w.copy_(values)
                 self._masks[i] = mask_engine.mask_from_bool(keep, w)
-        mask_engine.apply_masks(self._weights, self._masks)
+        mask_engine.apply_masks(self._local(), self._masks)
         self._last_target = snapshot["target"]
 
     def _describe_selection(self) -> None:
-        n = sum(w.numel() for w in self._weights)
+        n = sum(p.total for p in self._parts)
         unselected = ", ".join(f"{name} ({numel:,})" for name, numel in self._unselected) or "none"
         rank_zero_info(
-            f"MagnitudePruning prunes {n:,} weights in {len(self._weights)} tensors: {self._coverage:.1%} of the "
+            f"MagnitudePruning prunes {n:,} weights in {len(self._params)} tensors: {self._coverage:.1%} of the "
             f"entries of the model's weight matrices (parameters with 2+ dimensions). Largest not pruned: {unselected}"
         )
 
     def _update_masks(self, target: float) -> None:
         """Grow the masks to ``target`` sparsity with the configured method and scope, and apply them."""
+        weights = self._local()
         if self.structure == "groups":
             mask_engine.update_grouped(
-                dict(zip(self._names, self._weights)),
+                dict(zip(self._names, weights)),
                 dict(zip(self._names, self._masks)),
                 self._groups,
                 target,
                 self.norm,
             )
         elif self.method == "ln_structured":
-            mask_engine.update_structured(self._weights, self._masks, target, self.norm, self.dim)
+            mask_engine.update_structured(
+                weights, self._masks, target, self.norm, self.dim, self._sharded_parts(), self._collective
+            )
         else:
             if self.method == "l1_unstructured":
-                scores = mask_engine.l1_scores(self._weights)
+                scores = mask_engine.l1_scores(weights)
             else:
-                scores = mask_engine.random_scores(self._weights, self._generator)
-            mask_engine.update_unstructured(self._weights, self._masks, target, scores, self.scope)
-        mask_engine.apply_masks(self._weights, self._masks)
+                scores = mask_engine.random_scores(weights, self._generator, self._parts)
+            mask_engine.update_unstructured(
+                weights, self._masks, target, scores, self.scope, self._parts, self._collective
+            )
+        mask_engine.apply_masks(weights, self._masks)
+
+    def _sharded_parts(self) -> list[mask_engine.Part] | None:
+        return None if self._collective is mask_engine.LOCAL else self._parts
 
     def measured_sparsity(self) -> dict[str, float]:
         """``pruning/sparsity`` and ``pruning/sparsity/<name>``: measured fractions of exact zeros."""
-        overall, by_name = measure.sparsity_by_name(dict(zip(self._names, self._weights)))
+        if self._collective is mask_engine.LOCAL:
+            overall, by_name = measure.sparsity_by_name(dict(zip(self._names, self._params)))
+        else:  # zeros of the full tensors: every process's shard counted once
+            zeros = sharding.global_zero_counts(self._local(), self._parts, self._collective)
+            totals = [p.total for p in self._parts]
+            overall = sum(zeros) / sum(totals) if sum(totals) else float("nan")
+            by_name = {name: z / t for name, z, t in zip(self._names, zeros, totals)}
         return {report.SPARSITY: overall, **{report.SPARSITY_PREFIX + name: v for name, v in by_name.items()}}
 
     def _report(self, trainer: pl.Trainer, when: str, index: int | None) -> None:
@@ -629,10 +700,10 @@ class MagnitudePruning(Callback):
                 "sparsity": metrics[report.SPARSITY],
             }
         )
-        n = sum(w.numel() for w in self._weights)
+        n = sum(p.total for p in self._parts)
         rank_zero_info(
             f"MagnitudePruning [{when}]: target sparsity {self._last_target:.2%}, measured "
-            f"{metrics[report.SPARSITY]:.2%} of {n:,} weights in {len(self._weights)} tensors"
+            f"{metrics[report.SPARSITY]:.2%} of {n:,} weights in {len(self._params)} tensors"
         )
 
     # ------------------------------------------------------------------ validation: what the plot shows
@@ -663,7 +734,7 @@ class MagnitudePruning(Callback):
             return
         if self._guard is not None and self._guard.decide(wants_to_raise=False) == ROLL_BACK:
             self._roll_back()  # the last validation broke the budget: end within it
-        mask_engine.apply_masks(self._weights, self._masks)  # after SWA/EMA wrote their averages (see setup)
+        mask_engine.apply_masks(self._local(), self._masks)  # after SWA/EMA wrote their averages (see setup)
         self._report(trainer, "end of training", None)
         for line in self.summary_lines():
             rank_zero_info(f"MagnitudePruning: {line}")
@@ -741,7 +812,10 @@ class MagnitudePruning(Callback):
                 "target": snapshot["target"],
             }
         if self._masks is not None:
-            state["masks"] = {name: (m != 0).cpu() for name, m in zip(self._names, self._masks)}
+            # Full masks even when sharded: Lightning writes callback state from rank zero alone, in a distributed
+            # checkpoint too (meta.pt beside the DCP shards). Gathering is a collective; Lightning calls
+            # state_dict on every rank when it saves.
+            state["masks"] = self.gathered_masks()
         return state
 
     def _settings(self) -> dict[str, Any]:
@@ -789,13 +863,16 @@ class MagnitudePruning(Callback):
             raise ValueError(
                 f"The checkpoint's pruning masks are for parameters {list(saved)}, but this run selects {self._names}"
             )
-        for name, weight in zip(self._names, self._weights):
+        for name, weight in zip(self._names, self._params):
             if tuple(saved[name].shape) != tuple(weight.shape):
                 raise ValueError(
                     f"The checkpoint's mask for {name!r} has shape {tuple(saved[name].shape)}, "
                     f"the parameter {tuple(weight.shape)}"
                 )
-        self._masks = [mask_engine.mask_from_bool(saved[name], w) for name, w in zip(self._names, self._weights)]
+        self._masks = [
+            mask_engine.mask_from_bool(sharding.local_keep(p, saved[name]), w)
+            for name, p, w in zip(self._names, self._params, self._local())
+        ]
 
 
 def _is_int(value: object) -> bool:

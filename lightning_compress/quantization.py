@@ -175,11 +175,12 @@ class DynamicQuantization(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        compat.require_unsharded_strategy(
-            trainer,
-            "DynamicQuantization",
-            ": their parameters are shards, and the full model has to be gathered before it can be quantized",
-        )
+        compat.require_supported_strategy(trainer, "DynamicQuantization")
+        if compat.is_sharded_strategy(trainer):
+            raise ValueError(
+                "DynamicQuantization supports the single-device and DDP strategies; got ModelParallelStrategy: its "
+                "parameters are shards, and the full model has to be gathered before it can be quantized"
+            )
         if self.dataloader is not None or compat.has_val_data(trainer):
             return
         if self.evaluate:

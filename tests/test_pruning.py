@@ -1,6 +1,7 @@
 import copy
 import csv
 import math
+import re
 
 import lightning.pytorch as pl
 import pytest
@@ -308,12 +309,39 @@ def test_structured_dim_out_of_range_fails_at_setup(quiet_trainer_kwargs):
     _fails_before_training(MagnitudePruning(method="ln_structured", dim=2), quiet_trainer_kwargs, "dim=2", max_epochs=1)
 
 
-def test_sharded_strategy_fails_at_setup():
+@pytest.mark.parametrize(
+    "kwargs, named",
+    [
+        (dict(max_drop=0.01, monitor="val_acc"), "max_drop=0.01"),
+        (dict(method="ln_structured", structure="groups"), "structure='groups'"),
+        (dict(swa=True), "StochasticWeightAveraging"),
+    ],
+)
+def test_sharded_strategy_with_an_unsupported_setting_fails_at_setup(kwargs, named):
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    trainer = pl.Trainer(strategy=ModelParallelStrategy(), accelerator="cpu", devices=1, logger=False)
-    with pytest.raises(ValueError, match="single-device and DDP strategies; got ModelParallelStrategy"):
-        MagnitudePruning().setup(trainer, DigitsMLP(hidden=8), "fit")
+    swa = [StochasticWeightAveraging(swa_lrs=0.01)] if kwargs.pop("swa", False) else []
+    pruning = MagnitudePruning(**kwargs)
+    trainer = pl.Trainer(
+        strategy=ModelParallelStrategy(), accelerator="cpu", devices=1, logger=False, callbacks=[pruning, *swa]
+    )
+    with pytest.raises(ValueError, match=rf"under ModelParallelStrategy .* does not support .*{re.escape(named)}"):
+        pruning.setup(trainer, DigitsMLP(hidden=8), "fit")
+
+
+def test_deepspeed_and_fsdp1_are_refused_with_the_reason():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    from lightning_compress import compat
+
+    deepspeed = DeepSpeedStrategy.__new__(DeepSpeedStrategy)  # deepspeed itself is not installed here
+    with pytest.raises(ValueError, match="got DeepSpeedStrategy: DeepSpeed's ZeRO keeps the weights"):
+        compat.require_supported_strategy(SimpleNamespace(strategy=deepspeed), "MagnitudePruning")
+    with pytest.raises(ValueError, match="got FSDPStrategy: .*FlatParameters.*fully_shard"):
+        compat.require_supported_strategy(SimpleNamespace(strategy=FSDPStrategy()), "MagnitudePruning")
 
 
 def test_end_beyond_training_warns(quiet_trainer_kwargs):

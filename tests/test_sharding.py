@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 HERE = Path(__file__).parent
@@ -30,3 +31,96 @@ def test_sharded_engine_finds_the_masks_of_one_process_holding_the_full_tensors(
         assert any(not m.all() for m in sharded), case  # something was pruned
     # the shards really are row blocks at offsets: uneven (7 rows: 4 + 3) and empty (1 row: 1 + 0)
     assert rank1["global_l1/1/parts"][:2] == [(20, 35, True), (9, 9, True)]
+
+
+def _fsdp_results(out_dir, layout, *cases):
+    _run_script("fsdp_script.py", out_dir, layout, *cases, timeout=300)
+    return {case: [torch.load(out_dir / case / f"rank{r}.pt") for r in (0, 1)] for case in cases}
+
+
+def _oracle_masks(case: str, initial: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The masks torch.nn.utils.prune (or, for random scores, our engine in one process) computes on the gathered
+    initial weights."""
+    from torch import nn
+    from torch.nn.utils import prune
+
+    from lightning_compress import masks as engine
+
+    if case == "random":
+        weights = [w.clone() for w in initial.values()]
+        masks = [engine.new_mask(w) for w in weights]
+        scores = engine.random_scores(weights, torch.Generator().manual_seed(3))
+        engine.update_unstructured(weights, masks, 0.6, scores, "global")
+        return {name: m != 0 for name, m in zip(initial, masks)}
+    holders = {name: nn.Module() for name in initial}
+    for name, holder in holders.items():
+        holder.weight = nn.Parameter(initial[name].clone())
+    if case == "l1_global":
+        prune.global_unstructured(
+            [(h, "weight") for h in holders.values()], pruning_method=prune.L1Unstructured, amount=0.6
+        )
+    for holder in holders.values():
+        if case == "l1_layerwise":
+            prune.l1_unstructured(holder, "weight", amount=0.6)
+        elif case == "ln_dim0":
+            prune.ln_structured(holder, "weight", amount=0.6, n=2, dim=0)
+        elif case == "ln_dim1":
+            prune.ln_structured(holder, "weight", amount=0.6, n=1, dim=1)
+    return {name: h.weight_mask.bool() for name, h in holders.items()}
+
+
+@pytest.mark.parametrize("layout", ["fsdp", "hsdp"])
+def test_sharded_masks_equal_the_oracle_on_the_gathered_initial_weights(tmp_path, layout):
+    cases = ["l1_global", "l1_layerwise", "random", "ln_dim0", "ln_dim1"]
+    results = _fsdp_results(tmp_path, layout, *cases)
+    for case, (rank0, rank1) in results.items():
+        oracle = _oracle_masks(case, rank0["initial"])
+        assert list(rank0["masks"]) == list(oracle) == ["net.0.weight", "net.2.weight", "net.4.weight"]
+        for name, expected in oracle.items():
+            assert torch.equal(rank0["masks"][name], expected), (case, name)
+            assert torch.equal(rank1["masks"][name], expected), (case, name)
+            # the trained weights kept every pruned entry at exactly 0
+            assert not rank0["final"][name][~expected].any(), (case, name)
+        local = {name: m.shape for name, m in rank0["local_masks"].items()}
+        full = {name: m.shape for name, m in rank0["masks"].items()}
+        if layout == "fsdp":  # each process holds the masks of its rows only
+            assert all(local[n][0] < full[n][0] and local[n][1:] == full[n][1:] for n in full), (local, full)
+        else:  # a 2x1 mesh: both processes hold full rows, rank 1 as a replica that is not counted twice
+            assert local == full
+        if case.startswith("l1") or case == "random":  # the final sparsity over the gathered weights is exact
+            counts = [(w == 0).sum() for w in rank0["final"].values()]
+            numels = [w.numel() for w in rank0["final"].values()]
+            if case == "l1_layerwise":
+                assert [int(c) for c in counts] == [round(0.6 * n) for n in numels]
+            else:
+                assert int(sum(counts)) == round(0.6 * sum(numels))
+        assert rank0["history"][-1]["sparsity"] == pytest.approx(
+            float(sum((~m).sum() for m in oracle.values()) / sum(m.numel() for m in oracle.values()))
+        )
+
+
+@pytest.mark.parametrize("checkpoint_format", ["dcp", "full"])
+def test_resuming_mid_schedule_gives_the_weights_and_masks_of_an_uninterrupted_run(tmp_path, checkpoint_format):
+    run = f"resume_{checkpoint_format}"
+    results = _fsdp_results(tmp_path, "fsdp", f"{run}_full", f"{run}_first", f"{run}_second")
+    (whole, _), (first, _), (resumed, _) = (results[f"{run}_{part}"] for part in ("full", "first", "second"))
+    saved = tmp_path / run / "checkpoints" / "epoch1.ckpt"
+    assert saved.is_dir() if checkpoint_format == "dcp" else saved.is_file()
+    # stopped after epoch 1 of a schedule that ends at epoch 3: mid-schedule
+    assert 0 < first["history"][-1]["sparsity"] < whole["history"][-1]["sparsity"]
+    for name in whole["masks"]:
+        assert torch.equal(resumed["masks"][name], whole["masks"][name]), name
+        assert torch.equal(resumed["final"][name], whole["final"][name]), name
+    assert [h["target"] for h in resumed["history"]] == [h["target"] for h in whole["history"]][2:]
+
+
+def test_an_unsupported_setting_fails_on_every_rank_before_training(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(HERE / "fsdp_script.py"), tmp_path, "fsdp", "unsupported"],
+        capture_output=True,
+        text=True,
+        timeout=120,  # a rank left waiting for the other would hang here instead of failing
+    )
+    assert result.returncode != 0
+    assert "does not support max_drop=0.01 yet" in result.stderr
+    assert not list(tmp_path.glob("unsupported/rank*.pt")) and not list(tmp_path.glob("**/metrics.csv"))

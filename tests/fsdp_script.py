@@ -1,0 +1,121 @@
+"""Run by tests/test_sharding.py: MagnitudePruning (and DynamicQuantization) with FSDP2 on 2 CPU processes.
+
+    python fsdp_script.py OUT_DIR LAYOUT CASE...
+
+LAYOUT: "fsdp" (each layer's rows split over the 2 processes) or "hsdp" (a 2x1 mesh: replicated over 2 processes,
+sharded over 1, so rank 1 holds replicas). Lightning's launcher starts rank 1 by running this same command again.
+Each CASE is one fit; each rank writes OUT_DIR/<case>/rank<k>.pt with what the test compares against its oracle:
+the selected weights gathered before the first update, the gathered masks and the gathered final weights.
+
+CASE is one of: l1_global, l1_layerwise, random, ln_dim0, ln_dim1 (constant schedule, one epoch);
+resume_<format>_full / resume_<format>_first / resume_<format>_second (format: "dcp" or "full"): an uninterrupted
+4-epoch cubic schedule, and the same run stopped after epoch 1 then resumed from its checkpoint;
+quantize: MagnitudePruning with DynamicQuantization(save_path=OUT_DIR/quantize/model.pt); unsupported: a setting
+MagnitudePruning does not support under sharding (it must fail before training).
+"""
+
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from helpers import DigitsDataModule, DigitsMLP  # beside this script, which Python puts first on sys.path
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.fsdp import fully_shard
+
+from lightning_compress import DynamicQuantization, MagnitudePruning
+
+CONSTANT = {
+    "l1_global": dict(method="l1_unstructured"),
+    "l1_layerwise": dict(method="l1_unstructured", scope="layerwise"),
+    "random": dict(method="random_unstructured", seed=3),
+    "ln_dim0": dict(method="ln_structured", dim=0),
+    "ln_dim1": dict(method="ln_structured", dim=1, norm=1),
+}
+
+
+class ShardedMLP(DigitsMLP):
+    """The digits MLP, its layers and itself sharded with fully_shard in configure_model."""
+
+    layout = "fsdp"
+
+    def configure_model(self) -> None:
+        mesh = self.device_mesh["data_parallel"] if self.layout == "fsdp" else self.device_mesh
+        for layer in self.net:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+
+class RecordInitialWeights(Callback):
+    """Gathers the selected weights at on_train_start, before MagnitudePruning's first update."""
+
+    def __init__(self, pruning: MagnitudePruning) -> None:
+        self.pruning = pruning
+        self.weights: dict[str, torch.Tensor] = {}
+
+    def on_train_start(self, trainer, pl_module):
+        named = dict(pl_module.named_parameters())
+        self.weights = {n: named[n].full_tensor().detach().clone() for n in self.pruning.parameter_names}
+
+
+def fit(out_dir: Path, layout: str, case: str) -> None:
+    pl.seed_everything(0, verbose=False)
+    ShardedMLP.layout = layout
+    strategy = ModelParallelStrategy(
+        data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint="dcp" in case
+    )
+    epochs, ckpt_path, callbacks = 1, None, []
+    if case == "unsupported":  # not supported under sharding yet: must fail before training
+        pruning = MagnitudePruning(amount=0.5, monitor="val_acc", max_drop=0.01)
+    elif case in CONSTANT:
+        pruning = MagnitudePruning(amount=0.6, schedule="constant", make_permanent=False, **CONSTANT[case])
+    else:
+        # random scores: a resume that lost the masks or the generator's state would prune other entries
+        pruning = MagnitudePruning(
+            amount=0.8, schedule="cubic", end=3, method="random_unstructured", seed=3, make_permanent=False
+        )
+        epochs = 4
+    if case.startswith("resume"):
+        checkpoints = out_dir / case.rsplit("_", 1)[0] / "checkpoints"
+        if case.endswith("_first"):
+            epochs = 2
+            callbacks.append(
+                ModelCheckpoint(
+                    dirpath=checkpoints, filename="epoch{epoch}", save_top_k=-1, auto_insert_metric_name=False
+                )
+            )
+        elif case.endswith("_second"):
+            ckpt_path = str(checkpoints / "epoch1.ckpt")
+    if case == "quantize":
+        callbacks.append(DynamicQuantization(save_path=out_dir / case / "model.pt"))
+    recorder = RecordInitialWeights(pruning)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        max_epochs=epochs,
+        callbacks=[recorder, pruning, *callbacks],
+        logger=pl.loggers.CSVLogger(out_dir / case, name="logs"),
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    model = ShardedMLP(hidden=48)
+    trainer.fit(model, datamodule=DigitsDataModule(), ckpt_path=ckpt_path)
+    named = dict(model.named_parameters())
+    result = {
+        "initial": recorder.weights,
+        "masks": pruning.gathered_masks(),
+        "final": {n: named[n].full_tensor().detach() for n in pruning.parameter_names},
+        "local_masks": pruning.masks,
+        "history": pruning.history,
+    }
+    (out_dir / case).mkdir(parents=True, exist_ok=True)
+    torch.save(result, out_dir / case / f"rank{trainer.global_rank}.pt")
+
+
+if __name__ == "__main__":
+    for name in sys.argv[3:]:
+        fit(Path(sys.argv[1]), sys.argv[2], name)
