@@ -111,7 +111,7 @@ def never_sync(metric: torchmetrics.Metric) -> torchmetrics.Metric:
 _COMPILED_METHODS = ("forward", "training_step", "validation_step", "test_step", "predict_step")
 
 
-def uncompiled_copy(module: nn.Module) -> nn.Module:
+def uncompiled_copy(module: nn.Module, memo: dict[int, Any] | None = None) -> nn.Module:
     """A deep copy of ``module`` with every ``torch.compile`` wrapper removed, so the copy runs its own weights.
 
     Lightning keeps a compiled LightningModule's compiled ``forward`` (and ``*_step``) as instance attributes, the
@@ -127,7 +127,7 @@ def uncompiled_copy(module: nn.Module) -> nn.Module:
             hidden[m] = {k: m.__dict__.pop(k) for k in (*_COMPILED_METHODS, "_compiler_ctx") if k in m.__dict__}
             m.__dict__["_compiler_ctx"] = None
     try:
-        copied = copy.deepcopy(module)
+        copied = copy.deepcopy(module, memo)
     finally:
         for m, attributes in hidden.items():
             m.__dict__.update(attributes)
@@ -138,6 +138,57 @@ def uncompiled_copy(module: nn.Module) -> nn.Module:
                     child = child._orig_mod
                 setattr(parent, name, child)
     return copied
+
+
+# What torch 2.13's fully_shard (FSDP2) adds to a module, besides its class and its forward hooks: the composable
+# API's state entries (keys starting with this) and two flags.
+_FSDP_STATE_PREFIX = "__composable_api_state_key"
+_FSDP_FLAGS = ("_is_fsdp_managed_module", "_fsdp_use_orig_params")
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs")
+
+
+def unsharded_copy(module: nn.Module, full_state: dict[str, Any]) -> nn.Module:
+    """A plain copy of a module sharded with FSDP2's ``fully_shard``, holding the full tensors of ``full_state``.
+
+    ``fully_shard`` swaps each sharded module's class for a subclass of ``FSDPModule`` and registers forward hooks
+    bound to its state; no public API undoes it (``FSDPModule.unshard`` only all-gathers for a while). The copy
+    gets the original classes, none of FSDP's hooks or state, and plain ``nn.Parameter``s made from ``full_state``
+    (the strategy's full state dict, by parameter name). ``module`` is left as it is; ``torch.compile`` wrappers
+    are removed as in :func:`uncompiled_copy`.
+    """
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.fsdp import FSDPModule
+
+    memo: dict[int, Any] = {}
+    for name, parameter in module.named_parameters():
+        name = uncompiled_name(name)
+        if name not in full_state:
+            raise ValueError(f"the gathered full state dict has no entry for parameter {name!r}")
+        memo[id(parameter)] = nn.Parameter(full_state[name].detach().clone(), parameter.requires_grad)
+    hidden: list[tuple[nn.Module, type, dict[str, Any], dict[str, dict[int, Any]]]] = []
+    for m in module.modules():
+        for value in m.__dict__.values():
+            if isinstance(value, DeviceMesh):
+                memo[id(value)] = value  # shared, not copied: the copy never uses it
+        state = {k: m.__dict__.pop(k) for k in list(m.__dict__) if k.startswith(_FSDP_STATE_PREFIX) or k in _FSDP_FLAGS}
+        hooks = {attr: dict(getattr(m, attr)) for attr in _HOOK_DICTS if hasattr(m, attr)}
+        for attr, entries in hooks.items():
+            for key, hook in entries.items():
+                if type(getattr(hook, "__self__", None)).__module__.startswith("torch.distributed.fsdp"):
+                    del getattr(m, attr)[key]
+        cls = type(m)
+        if issubclass(cls, FSDPModule):
+            m.__class__ = next(base for base in cls.__mro__[1:] if not issubclass(base, FSDPModule))
+        hidden.append((m, cls, state, hooks))
+    try:
+        return uncompiled_copy(module, memo)
+    finally:
+        for m, cls, state, hooks in hidden:
+            m.__class__ = cls
+            m.__dict__.update(state)
+            for attr, entries in hooks.items():
+                getattr(m, attr).clear()
+                getattr(m, attr).update(entries)
 
 
 def disable_transformer_fast_path(model: nn.Module) -> list[str]:

@@ -50,11 +50,21 @@ def validate(
             # TQDM, not Rich: a Rich bar here would share the outer Trainer's global console and break its teardown.
             callbacks=[TQDMProgressBar()] if progress else [],
         )
-        results = trainer.validate(module, dataloaders=dataloaders, verbose=False)
+        # The module is a copy of a configured one: its `configure_model` (where FSDP2 users call fully_shard,
+        # and others build layers) must not run again in this Trainer, on one process.
+        module.configure_model = _already_configured
+        try:
+            results = trainer.validate(module, dataloaders=dataloaders, verbose=False)
+        finally:
+            del module.configure_model
     merged: dict[str, float] = {}
     for per_dataloader in results:
         merged.update({name: float(value) for name, value in per_dataloader.items()})
     return merged
+
+
+def _already_configured() -> None:
+    """``configure_model`` of a module whose layers are built (and, for the copy of a sharded one, unsharded)."""
 
 
 @contextlib.contextmanager

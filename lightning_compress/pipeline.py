@@ -16,6 +16,7 @@ import fnmatch
 import statistics
 import time
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,13 +26,17 @@ from lightning_compress.backends import SUPPORTED_MODULES, quantize_dynamic_copy
 from lightning_compress.inputs import ModelInput
 
 
-def float_copy(model: nn.Module) -> tuple[nn.Module, torch.dtype | None]:
+def float_copy(model: nn.Module, full_state: dict[str, Any] | None = None) -> tuple[nn.Module, torch.dtype | None]:
     """A float32 copy of ``model`` on the CPU in eval mode, without ``torch.compile`` wrappers.
+
+    ``full_state``: for a model sharded with FSDP2, its gathered full state dict; the copy is then a plain,
+    unsharded module holding those tensors (:func:`lightning_compress.compat.unsharded_copy`).
 
     Returns the copy and the floating dtype the model's weights had when it was not float32 (``None`` otherwise):
     dynamic quantization starts from float32 weights. The model itself is left as it is.
     """
-    copied = compat.uncompiled_copy(model).cpu().eval()
+    copied = compat.uncompiled_copy(model) if full_state is None else compat.unsharded_copy(model, full_state)
+    copied = copied.cpu().eval()
     dtypes = {p.dtype for p in copied.parameters() if p.is_floating_point()} - {torch.float32}
     cast_from = sorted(dtypes, key=str)[0] if dtypes else None
     if cast_from is not None:

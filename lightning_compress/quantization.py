@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_compress import compat, evaluation, measure, pipeline, report
+from lightning_compress import compat, evaluation, measure, pipeline, report, sharding
 from lightning_compress.artifact import save_compressed, save_quantized
 from lightning_compress.backends import DTYPES, SUPPORTED_MODULES
 from lightning_compress.inputs import ModelInput, capture_inputs
@@ -176,11 +176,6 @@ class DynamicQuantization(Callback):
         if stage != "fit":
             return
         compat.require_supported_strategy(trainer, "DynamicQuantization")
-        if compat.is_sharded_strategy(trainer):
-            raise ValueError(
-                "DynamicQuantization supports the single-device and DDP strategies; got ModelParallelStrategy: its "
-                "parameters are shards, and the full model has to be gathered before it can be quantized"
-            )
         if self.dataloader is not None or compat.has_val_data(trainer):
             return
         if self.evaluate:
@@ -205,9 +200,10 @@ class DynamicQuantization(Callback):
         # After `configure_model` and the strategy's setup; still before the first training step. Rank zero
         # rehearses, and every rank raises its error, so that no rank waits for another one that stopped.
         error = None
+        full_state = self._gather(trainer, pl_module)
         if trainer.is_global_zero:
             try:
-                self._run(trainer, pl_module, rehearsal=True)
+                self._run(trainer, pl_module, rehearsal=True, full_state=full_state)
             except Exception as exception:  # reported on every rank below
                 error = (
                     f"{type(exception).__name__}: {exception}"
@@ -223,24 +219,43 @@ class DynamicQuantization(Callback):
 
     # ------------------------------------------------------------------ after training
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Sharded: every rank takes part in gathering the full model, then only rank zero works on it; the others
+        # return at once, so that none waits on a collective while rank zero quantizes, evaluates or fails.
+        full_state = self._gather(trainer, pl_module)
         if not trainer.is_global_zero:
             return
         try:
-            self._run(trainer, pl_module, rehearsal=False)
+            self._run(trainer, pl_module, rehearsal=False, full_state=full_state)
         except Exception as error:
             raise QuantizationError(
                 f"DynamicQuantization failed after training ({type(error).__name__}: {error}). The trained float "
                 "model and its checkpoints are intact."
             ) from error
 
-    def _run(self, trainer: pl.Trainer, pl_module: pl.LightningModule, rehearsal: bool) -> None:
-        """The end-of-fit path; with ``rehearsal`` on one batch, writing nothing but a temporary artifact."""
+    @staticmethod
+    def _gather(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, torch.Tensor] | None:
+        """Under a sharded strategy, the full state dict on rank zero (a collective); else ``None``."""
+        if not compat.is_sharded_strategy(trainer) or not any(sharding.is_sharded(p) for p in pl_module.parameters()):
+            return None
+        return sharding.full_state_dict(pl_module)
+
+    def _run(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        rehearsal: bool,
+        full_state: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """The end-of-fit path; with ``rehearsal`` on one batch, writing nothing but a temporary artifact.
+
+        ``full_state``: the gathered full state dict of a sharded module, which the float copy is made of.
+        """
         stages: dict[str, float] = {}
         limit = 1 if rehearsal else None
         progress = not rehearsal and trainer.progress_bar_callback is not None
         dtype = DTYPES[self.dtype]
         with _timed(stages, "copy"):
-            float_model, cast_from = pipeline.float_copy(pl_module)
+            float_model, cast_from = pipeline.float_copy(pl_module, full_state)
             names = pipeline.select_modules(float_model, self.modules, self.exclude)
         example = self._example_input(pl_module, cast_from)
         needs_inputs = self.save_path is not None or self.sparse_kernels == "auto" or self.evaluate or self.shrink

@@ -10,8 +10,9 @@ the selected weights gathered before the first update, the gathered masks and th
 CASE is one of: l1_global, l1_layerwise, random, ln_dim0, ln_dim1 (constant schedule, one epoch);
 resume_<format>_full / resume_<format>_first / resume_<format>_second (format: "dcp" or "full"): an uninterrupted
 4-epoch cubic schedule, and the same run stopped after epoch 1 then resumed from its checkpoint;
-quantize: MagnitudePruning with DynamicQuantization(save_path=OUT_DIR/quantize/model.pt); unsupported: a setting
-MagnitudePruning does not support under sharding (it must fail before training).
+quantize: MagnitudePruning with DynamicQuantization(save_path=OUT_DIR/quantize/model.pt); quantize_fails_early /
+quantize_fails_late: DynamicQuantization failing on rank zero in its rehearsal / after training; unsupported: a
+setting MagnitudePruning does not support under sharding (it must fail before training).
 """
 
 import sys
@@ -60,6 +61,15 @@ class RecordInitialWeights(Callback):
         self.weights = {n: named[n].full_tensor().detach().clone() for n in self.pruning.parameter_names}
 
 
+class FailsAfterTraining(DynamicQuantization):
+    """Fault injection: the end-of-fit work fails on rank zero (after a successful rehearsal)."""
+
+    def _run(self, trainer, pl_module, rehearsal, full_state=None):
+        if not rehearsal:
+            raise RuntimeError("injected failure after training")
+        super()._run(trainer, pl_module, rehearsal, full_state)
+
+
 def fit(out_dir: Path, layout: str, case: str) -> None:
     pl.seed_everything(0, verbose=False)
     ShardedMLP.layout = layout
@@ -71,6 +81,9 @@ def fit(out_dir: Path, layout: str, case: str) -> None:
         pruning = MagnitudePruning(amount=0.5, monitor="val_acc", max_drop=0.01)
     elif case in CONSTANT:
         pruning = MagnitudePruning(amount=0.6, schedule="constant", make_permanent=False, **CONSTANT[case])
+    elif case.startswith("quantize"):
+        pruning = MagnitudePruning(amount=0.5, end=2, make_permanent=False)
+        epochs = 3
     else:
         # random scores: a resume that lost the masks or the generator's state would prune other entries
         pruning = MagnitudePruning(
@@ -88,8 +101,15 @@ def fit(out_dir: Path, layout: str, case: str) -> None:
             )
         elif case.endswith("_second"):
             ckpt_path = str(checkpoints / "epoch1.ckpt")
+    quant = None
     if case == "quantize":
-        callbacks.append(DynamicQuantization(save_path=out_dir / case / "model.pt"))
+        quant = DynamicQuantization(save_path=out_dir / case / "model.pt")
+    elif case == "quantize_fails_early":  # a monitor the module does not log: the rehearsal fails on rank zero
+        quant = DynamicQuantization(monitor="val_accuracy")
+    elif case == "quantize_fails_late":
+        quant = FailsAfterTraining()
+    if quant is not None:
+        callbacks.append(quant)
     recorder = RecordInitialWeights(pruning)
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -109,9 +129,18 @@ def fit(out_dir: Path, layout: str, case: str) -> None:
         "initial": recorder.weights,
         "masks": pruning.gathered_masks(),
         "final": {n: named[n].full_tensor().detach() for n in pruning.parameter_names},
+        "parameters": {n: p.full_tensor().detach() for n, p in named.items()},
         "local_masks": pruning.masks,
         "history": pruning.history,
+        "is_global_zero": trainer.is_global_zero,
     }
+    if quant is not None:
+        x = torch.rand(16, 64, generator=torch.Generator().manual_seed(1))
+        result["input"] = x
+        result["quantized"] = quant.quantized_model is not None
+        if quant.quantized_model is not None:
+            result["outputs"] = quant.quantized_model(x).detach()
+            result["results"] = quant.results
     (out_dir / case).mkdir(parents=True, exist_ok=True)
     torch.save(result, out_dir / case / f"rank{trainer.global_rank}.pt")
 

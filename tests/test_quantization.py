@@ -336,9 +336,13 @@ def test_without_a_pruning_callback_no_sparsity_is_reported(quiet_trainer_kwargs
     assert not any("sparsity" in key for key in quant.results) and quant.layer_sparsity == {}
 
 
-def test_sharded_strategies_are_refused_at_setup():
-    from lightning.pytorch.strategies import ModelParallelStrategy
+def test_fsdp1_and_deepspeed_are_refused_at_setup_with_the_reason():
+    from types import SimpleNamespace
 
-    trainer = pl.Trainer(strategy=ModelParallelStrategy(), accelerator="cpu", devices=1, logger=False)
-    with pytest.raises(ValueError, match="single-device and DDP strategies; got ModelParallelStrategy.*gathered"):
-        DynamicQuantization().setup(trainer, DigitsMLP(hidden=8), "fit")
+    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+    with pytest.raises(ValueError, match="DynamicQuantization supports .* got FSDPStrategy: .*fully_shard"):
+        DynamicQuantization().setup(SimpleNamespace(strategy=FSDPStrategy()), DigitsMLP(hidden=8), "fit")
+    deepspeed = DeepSpeedStrategy.__new__(DeepSpeedStrategy)  # deepspeed itself is not installed here
+    with pytest.raises(ValueError, match="got DeepSpeedStrategy: DeepSpeed's ZeRO"):
+        DynamicQuantization().setup(SimpleNamespace(strategy=deepspeed), DigitsMLP(hidden=8), "fit")

@@ -124,3 +124,52 @@ def test_an_unsupported_setting_fails_on_every_rank_before_training(tmp_path):
     assert result.returncode != 0
     assert "does not support max_drop=0.01 yet" in result.stderr
     assert not list(tmp_path.glob("unsupported/rank*.pt")) and not list(tmp_path.glob("**/metrics.csv"))
+
+
+def test_quantization_gathers_the_model_and_writes_one_artifact_that_loads_in_a_fresh_process(
+    tmp_path, run_in_fresh_process
+):
+    import csv
+
+    import torchmetrics
+    from helpers import DigitsDataModule, DigitsMLP
+
+    (rank0, rank1) = _fsdp_results(tmp_path, "fsdp", "quantize")["quantize"]
+    assert rank0["is_global_zero"] and rank0["quantized"] and not rank1["quantized"]
+    assert sorted(p.name for p in (tmp_path / "quantize").iterdir()) == ["logs", "model.pt", "rank0.pt", "rank1.pt"]
+    outputs = run_in_fresh_process("load_quantized", tmp_path / "quantize" / "model.pt", rank0["input"])
+    assert torch.equal(outputs, rank0["outputs"])
+    (metrics,) = (tmp_path / "quantize").glob("logs/*/metrics.csv")
+    with open(metrics) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("quantization/val_acc_after")]
+    assert len(rows) == 1
+    # rank zero quantized the gathered final model: its logged float accuracy is that of the gathered weights,
+    # computed here independently over the whole validation set
+    model = DigitsMLP(hidden=48)
+    model.load_state_dict(rank0["parameters"], strict=False)  # all parameters; the metric's state is not one
+    data = DigitsDataModule()
+    data.setup()
+    accuracy = torchmetrics.Accuracy(task="multiclass", num_classes=10)
+    with torch.inference_mode():
+        for x, y in data.val_dataloader():
+            accuracy.update(model.eval()(x), y)
+    assert float(rows[0]["quantization/val_acc_before"]) == pytest.approx(float(accuracy.compute()), abs=1e-6)
+    assert float(rows[0]["quantization/val_acc_before"]) > 0.5  # it learned: the copy is not of untrained weights
+    assert float(rows[0]["quantization/sparsity_before"]) == pytest.approx(0.5, abs=1e-3)
+
+
+@pytest.mark.parametrize("when", ["early", "late"])
+def test_a_quantization_failure_on_rank_zero_ends_every_rank_without_hanging(tmp_path, when):
+    result = subprocess.run(
+        [sys.executable, str(HERE / "fsdp_script.py"), tmp_path, "fsdp", f"quantize_fails_{when}"],
+        capture_output=True,
+        text=True,
+        timeout=180,  # a rank left waiting for the other would hang here instead of failing
+    )
+    assert result.returncode != 0
+    if when == "early":  # before training, on every rank
+        assert "rehearsed its end-of-fit work on one batch before training, and it failed" in result.stderr
+        assert not list(tmp_path.glob("**/rank*.pt"))
+    else:  # after training, on rank zero, while the others return from their fit (or Lightning's launcher ends them)
+        assert "DynamicQuantization failed after training (RuntimeError: injected failure" in result.stderr
+        assert "The trained float model and its checkpoints are intact" in result.stderr
