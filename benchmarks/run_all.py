@@ -6,6 +6,15 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-for script in ("step_overhead.py", "mask_update.py", "quantization.py", "compression.py", "rehearsal.py", "shrink.py"):
+SCRIPTS = (
+    "step_overhead.py",
+    "mask_update.py",
+    "sharded.py",
+    "quantization.py",
+    "compression.py",
+    "rehearsal.py",
+    "shrink.py",
+)
+for script in SCRIPTS:
     print(f"\n$ python benchmarks/{script}", flush=True)
     subprocess.run([sys.executable, str(HERE / script)], check=True)

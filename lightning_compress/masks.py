@@ -44,6 +44,9 @@ _RADIX_BITS = 16
 CHUNK = 1 << 18
 # The exact k-th score is finished by sorting the entries of its radix bucket once they are at most this many.
 CANDIDATE_LIMIT = 1 << 22
+# With sharded tensors the candidates are gathered onto every process and sorted there: one more pass over the
+# local shards (and one more all-reduce) to narrow the bucket costs less than moving millions of them.
+SHARDED_CANDIDATE_LIMIT = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -121,9 +124,9 @@ def _sortable_keys(scores: Tensor, mask: Tensor, wide: bool) -> Tensor:
 
 
 def _narrow_prefix(
-    keys: Callable[[], Iterable[Tensor]], k: int, bits: int, zeros_to_ignore: int, collective: Collective
+    keys: Callable[[], Iterable[Tensor]], k: int, bits: int, zeros_to_ignore: int, collective: Collective, limit: int
 ) -> tuple[int, int, int, int]:
-    """Radix-narrow the range of the ``k``-th smallest key (1-based) until it holds at most ``CANDIDATE_LIMIT``.
+    """Radix-narrow the range of the ``k``-th smallest key (1-based) until it holds at most ``limit`` keys.
 
     Each pass histograms the next 16 bits of the keys that share the prefix found so far (one full pass over
     the keys, one chunk at a time). ``zeros_to_ignore`` keys equal to 0 (the already pruned entries) are left
@@ -152,7 +155,7 @@ def _narrow_prefix(
         below += int(cumulative[bucket - 1]) if bucket > 0 else 0
         prefix = (prefix << width) | bucket
         done += width
-        if int(hist[bucket]) <= CANDIDATE_LIMIT:
+        if int(hist[bucket]) <= limit:
             break
     return prefix, bits - done, below, int(hist[bucket])
 
@@ -172,7 +175,7 @@ def prune_smallest(
     entries of the full tensors and ``collective`` joins the processes' counts.
 
     Cost: one pass per 16 bits of key needed to narrow the k-th score's bucket to ``CANDIDATE_LIMIT``
-    entries (one pass for float32 weights of ordinary spread), then one pass that prunes every entry of a
+    entries (one pass for float32 weights of ordinary spread; ``SHARDED_CANDIDATE_LIMIT`` when sharded), then one pass that prunes every entry of a
     lower bucket and gathers the candidates of that bucket, which a stable sort by key (ties: by position)
     finishes exactly.
     """
@@ -196,8 +199,9 @@ def prune_smallest(
                 stop = min(start + CHUNK, flat.numel())
                 yield _sortable_keys(scores(i, start, stop), flat[start:stop], wide), flat[start:stop], i, start
 
+    limit = CANDIDATE_LIMIT if collective is LOCAL else SHARDED_CANDIDATE_LIMIT
     prefix, shift, below, count = _narrow_prefix(
-        lambda: (key for key, *_ in chunks(True)), new, 63 if wide else 31, already, collective
+        lambda: (key for key, *_ in chunks(True)), new, 63 if wide else 31, already, collective, limit
     )
     # Candidates go into buffers sized up front: appending many small tensors between the chunks' large
     # temporaries fragments the heap (measured: +250 MB resident on 50M weights). Positions are flat indices in

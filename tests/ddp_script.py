@@ -56,3 +56,6 @@ def main(out_dir: Path, method: str, quantize: bool, monitor: str | None = None)
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), sys.argv[2], len(sys.argv) > 3, sys.argv[4] if len(sys.argv) > 4 else None)
+    # Lightning leaves the process group up; a gloo group alive at interpreter exit can abort the process
+    # ("terminate called without an active exception", pytorch/pytorch#190489)
+    torch.distributed.destroy_process_group()

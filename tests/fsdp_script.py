@@ -148,3 +148,6 @@ def fit(out_dir: Path, layout: str, case: str) -> None:
 if __name__ == "__main__":
     for name in sys.argv[3:]:
         fit(Path(sys.argv[1]), sys.argv[2], name)
+    # Lightning leaves the process group up; a gloo group alive at interpreter exit can abort the process
+    # ("terminate called without an active exception", pytorch/pytorch#190489)
+    torch.distributed.destroy_process_group()

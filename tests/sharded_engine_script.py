@@ -3,7 +3,7 @@
 Two CPU processes (gloo) hold row blocks of the same full tensors (``distribute_tensor(..., [Shard(0)])``, uneven
 blocks, one empty). Each case grows masks on the shards with the sharded engine and gathers them; rank zero
 also computes the masks on the full tensors in one process (the engine's unsharded path, itself checked against
-torch.nn.utils.prune in test_masks.py) and saves both to OUT_DIR/results.pt. CHUNK and CANDIDATE_LIMIT are made
+torch.nn.utils.prune in test_masks.py) and saves both to OUT_DIR/rank<k>.pt. CHUNK and the candidate limits are made
 tiny so that chunks straddle the shard boundary and the radix select needs several passes.
 """
 
@@ -62,7 +62,7 @@ def cases():
 def worker(rank: int, out_dir: str, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    engine.CHUNK, engine.CANDIDATE_LIMIT = 8, 4
+    engine.CHUNK, engine.CANDIDATE_LIMIT, engine.SHARDED_CANDIDATE_LIMIT = 8, 4, 4
     mesh = init_device_mesh("cpu", (2,))
     collective = sharding.ProcessGroupCollective()
     results = {}
@@ -83,6 +83,10 @@ def worker(rank: int, out_dir: str, port: int) -> None:
             gathered = [sharding.full_keep(p, m) for p, m in zip(params, masks)]
             results[f"{name}/{rounds}"] = {"sharded": gathered, "reference": [m != 0 for m in reference]}
             results[f"{name}/{rounds}/parts"] = [(p.offset, p.total, p.counted) for p in parts]
+    try:  # a layout the engine does not support (tensor parallelism shards dim 1) is refused, naming the parameter
+        sharding.part_of("head.weight", distribute_tensor(full_weights()[0], mesh, [Shard(1)]))
+    except ValueError as error:
+        results["refused"] = str(error)
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
