@@ -3,7 +3,8 @@
 1. ``update``: 12 x Linear(2048, 2048) without bias (50.3M weights), one global L1 update from dense to 50%.
    One process holds the full tensors; two processes (gloo) hold row blocks (``Shard(0)``, as fully_shard does).
    Per rank: wall time of the update (the slowest rank's), the masks' memory, and the peak RSS during the update
-   (the kernel's VmHWM, reset just before) minus the RSS before it. Each process gets its share of the cores. Each measurement in fresh processes, alternating, medians.
+   (the kernel's VmHWM, reset just before) minus the RSS before it. Each process gets its share of the cores.
+   Each measurement in fresh processes, alternating, medians.
 2. ``step``: a 5.3M-parameter MLP (512-2048-2048-10) sharded with fully_shard under Lightning's
    ModelParallelStrategy on 2 CPU processes, batch 128 per process, SGD with momentum: plain FSDP2 training vs
    MagnitudePruning at 90% (reached before epoch 1, whose steps are timed), alternating fresh runs, medians.
@@ -164,8 +165,12 @@ def _step_child(config: str, out: str, batches: int) -> None:
     )
     trainer.fit(MLP(), DataLoader(data, batch_size=128))
     Path(out, f"rank{trainer.global_rank}.json").write_text(json.dumps(timer.times))
-    # Lightning leaves the process group up; a gloo group alive at interpreter exit can abort the process
+    # Lightning leaves the process group up, and under FSDP2 an exit can abort in the interpreter's finalization
+    # even after destroy_process_group (DESIGN.md): the result is written, so end here.
     torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _free_port() -> int:

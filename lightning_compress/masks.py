@@ -175,9 +175,9 @@ def prune_smallest(
     entries of the full tensors and ``collective`` joins the processes' counts.
 
     Cost: one pass per 16 bits of key needed to narrow the k-th score's bucket to ``CANDIDATE_LIMIT``
-    entries (one pass for float32 weights of ordinary spread; ``SHARDED_CANDIDATE_LIMIT`` when sharded), then one pass that prunes every entry of a
-    lower bucket and gathers the candidates of that bucket, which a stable sort by key (ties: by position)
-    finishes exactly.
+    entries (``SHARDED_CANDIDATE_LIMIT`` when sharded; one pass for float32 weights of ordinary spread), then
+    one pass that prunes every entry of a lower bucket and gathers the candidates of that bucket, which a
+    stable sort by key (ties: by position) finishes exactly.
     """
     parts = list(parts) if parts is not None else whole(masks)
     local_zeros = sum(m.numel() - int(torch.count_nonzero(m)) for m, p in zip(masks, parts) if p.counted)
