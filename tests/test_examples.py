@@ -69,3 +69,11 @@ def test_cnn_shrink_example(tmp_path):
     assert "shrink: " in out and "parameters" in out and "stem channels: 32 trained, 16 in the artifact" in out
     assert (tmp_path / "runs" / "digits_cnn" / "version_0" / "cnn_int8.lcz").exists()
     assert "accuracy guard on val_acc" in out
+
+
+def test_fsdp_example(tmp_path):
+    out = _run(tmp_path, EXAMPLES / "digits_fsdp.py", "--epochs", "3", "--root", tmp_path / "runs")
+    assert "rank 0: net.0.weight shard (128, 64) of (256, 64)" in out
+    assert "rank 1: net.0.weight shard (128, 64) of (256, 64)" in out
+    assert "lightning_compress summary (qint8" in out and "MagnitudePruning [end of training]" in out
+    assert (tmp_path / "runs" / "digits_fsdp_int8.ts").exists()
