@@ -108,44 +108,22 @@ def _update_child(world: int, layers: int, width: int, amount: float) -> list[di
 def _step_child(config: str, out: str, batches: int) -> None:
     import lightning.pytorch as pl
     import torch
-    import torch.nn.functional as F
-    from lightning.pytorch.callbacks import Callback
     from lightning.pytorch.strategies import ModelParallelStrategy
+
+    # the model and timer of the single-process step benchmark, beside this script
+    from step_overhead import MLP, BatchTimer
     from torch import nn
     from torch.distributed.fsdp import fully_shard
     from torch.utils.data import DataLoader, TensorDataset
 
     from lightning_compress import MagnitudePruning
 
-    class MLP(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = nn.Sequential(
-                nn.Linear(512, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 10)
-            )
-
+    class ShardedMLP(MLP):
         def configure_model(self):
             for layer in self.net:
                 if isinstance(layer, nn.Linear):
                     fully_shard(layer, mesh=self.device_mesh["data_parallel"])
             fully_shard(self, mesh=self.device_mesh["data_parallel"])
-
-        def training_step(self, batch, batch_idx):
-            x, y = batch
-            return F.cross_entropy(self.net(x), y)
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
-
-    class BatchTimer(Callback):
-        times: list[float] = []
-
-        def on_train_batch_start(self, trainer, *args):
-            self._start = time.perf_counter()
-
-        def on_train_batch_end(self, trainer, *args):
-            if trainer.current_epoch == 1:
-                self.times.append(time.perf_counter() - self._start)
 
     torch.manual_seed(0)
     n = batches * 128 * 2
@@ -163,7 +141,7 @@ def _step_child(config: str, out: str, batches: int) -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(MLP(), DataLoader(data, batch_size=128))
+    trainer.fit(ShardedMLP(), DataLoader(data, batch_size=128))
     Path(out, f"rank{trainer.global_rank}.json").write_text(json.dumps(timer.times))
     # Lightning leaves the process group up, and under FSDP2 an exit can abort in the interpreter's finalization
     # even after destroy_process_group (DESIGN.md): the result is written, so end here.

@@ -100,6 +100,18 @@ class DigitsLSTM(_Classifier):
 
 
 # ---------------------------------------------------------------------------------------------- other models
+def digits_val_accuracy(model: nn.Module) -> float:
+    """Accuracy of ``model`` (eval mode) over the whole digits validation split, computed independently of any
+    Trainer: the reference the tests compare logged accuracies against."""
+    data = DigitsDataModule()
+    data.setup()
+    metric = torchmetrics.Accuracy(task="multiclass", num_classes=10)
+    with torch.inference_mode():
+        for x, y in data.val_dataloader():
+            metric.update(model.eval()(x), y)
+    return float(metric.compute())
+
+
 def token_data(vocab_size: int, n: int = 64, length: int = 12, seed: int = 0) -> TensorDataset:
     """Random token sequences and their next-token targets (a copy task with noise): ``(inputs, target)``."""
     generator = torch.Generator().manual_seed(seed)

@@ -47,19 +47,11 @@ def test_quantization_runs_once_on_rank_zero(tmp_path):
     assert len(rows) == 1
     # rank zero evaluated the whole validation set (359 digits), not its half of a distributed sampler: the logged
     # figure is the final model's accuracy over all of it, computed here independently
-    import torchmetrics
-    from helpers import DigitsDataModule, DigitsMLP
+    from helpers import DigitsMLP, digits_val_accuracy
 
     model = DigitsMLP(hidden=32)
     model.load_state_dict(rank0["state_dict"])
-    data = DigitsDataModule()
-    data.setup()
-    assert len(data.val_set) == 359
-    accuracy = torchmetrics.Accuracy(task="multiclass", num_classes=10)
-    with torch.inference_mode():
-        for x, y in data.val_dataloader():
-            accuracy.update(model.eval()(x), y)
-    assert float(rows[0]["quantization/accuracy_before"]) == pytest.approx(float(accuracy.compute()), abs=1e-6)
+    assert float(rows[0]["quantization/accuracy_before"]) == pytest.approx(digits_val_accuracy(model), abs=1e-6)
 
 
 def test_a_rehearsal_failure_on_rank_zero_stops_every_rank_before_training(tmp_path):

@@ -4,8 +4,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-import torchmetrics
-from helpers import DigitsDataModule, DigitsMLP, Probe, assert_fails_before_training
+from helpers import DigitsDataModule, DigitsMLP, Probe, assert_fails_before_training, digits_val_accuracy
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_compress import DynamicQuantization, MagnitudePruning
@@ -74,16 +73,6 @@ def test_bad_guard_settings_fail_at_construction(kwargs, message):
 
 
 # ---------------------------------------------------------------------------------------------- with a Trainer
-def _accuracy(model):
-    data = DigitsDataModule()
-    data.setup()
-    metric = torchmetrics.Accuracy(task="multiclass", num_classes=10)
-    with torch.inference_mode():
-        for x, y in data.val_dataloader():
-            metric.update(model.eval()(x), y)
-    return float(metric.compute())
-
-
 class DenseAccuracy(Callback):
     """The dense model's accuracy on the validation set at each validation, computed here independently."""
 
@@ -92,7 +81,7 @@ class DenseAccuracy(Callback):
 
     def on_validation_end(self, trainer, pl_module):
         if not trainer.sanity_checking:
-            self.by_epoch[trainer.current_epoch] = _accuracy(pl_module)
+            self.by_epoch[trainer.current_epoch] = digits_val_accuracy(pl_module)
             pl_module.train()
 
 
@@ -118,7 +107,7 @@ def test_an_aggressive_schedule_ends_within_budget_with_the_guard_and_out_of_it_
     baseline = max(accuracy.by_epoch[e] for e in (0, 1))  # the dense model's best, before epoch 2's first raise
     assert guarded.guard.baseline == pytest.approx(baseline)
     assert guarded.history[1]["target"] > 0 and guarded.history[0]["target"] == 0
-    assert _accuracy(model) >= baseline - 0.02
+    assert digits_val_accuracy(model) >= baseline - 0.02
     weights = list(guarded.selected_parameters.values())
     sparsity = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
     assert sparsity > 0.4  # well above zero: the last raise within budget is kept
@@ -129,7 +118,7 @@ def test_an_aggressive_schedule_ends_within_budget_with_the_guard_and_out_of_it_
     )  # DynamicQuantization's table states it too
 
     _, unguarded_model, _ = _aggressive(quiet_trainer_kwargs, False)
-    assert _accuracy(unguarded_model) < baseline - 0.02
+    assert digits_val_accuracy(unguarded_model) < baseline - 0.02
 
 
 def test_guard_metrics_are_logged(quiet_trainer_kwargs, tmp_path):

@@ -132,8 +132,7 @@ def test_quantization_gathers_the_model_and_writes_one_artifact_that_loads_in_a_
 ):
     import csv
 
-    import torchmetrics
-    from helpers import DigitsDataModule, DigitsMLP
+    from helpers import DigitsMLP, digits_val_accuracy
 
     (rank0, rank1) = _fsdp_results(tmp_path, "fsdp", "quantize")["quantize"]
     assert rank0["is_global_zero"] and rank0["quantized"] and not rank1["quantized"]
@@ -148,13 +147,7 @@ def test_quantization_gathers_the_model_and_writes_one_artifact_that_loads_in_a_
     # computed here independently over the whole validation set
     model = DigitsMLP(hidden=48)
     model.load_state_dict(rank0["parameters"], strict=False)  # all parameters; the metric's state is not one
-    data = DigitsDataModule()
-    data.setup()
-    accuracy = torchmetrics.Accuracy(task="multiclass", num_classes=10)
-    with torch.inference_mode():
-        for x, y in data.val_dataloader():
-            accuracy.update(model.eval()(x), y)
-    assert float(rows[0]["quantization/val_acc_before"]) == pytest.approx(float(accuracy.compute()), abs=1e-6)
+    assert float(rows[0]["quantization/val_acc_before"]) == pytest.approx(digits_val_accuracy(model), abs=1e-6)
     assert float(rows[0]["quantization/val_acc_before"]) > 0.5  # it learned: the copy is not of untrained weights
     assert float(rows[0]["quantization/sparsity_before"]) == pytest.approx(0.5, abs=1e-3)
 
