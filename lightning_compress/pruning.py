@@ -106,6 +106,10 @@ class MagnitudePruning(Callback):
     Logged at each update and at the end of training, to every logger of the trainer: ``pruning/sparsity``
     (measured fraction of exact zeros over the selected weights), ``pruning/target``, ``pruning/coverage``
     (selected weights / entries of all parameters with 2+ dimensions) and ``pruning/sparsity/<parameter name>``.
+
+    Strategies: single device, DDP (every rank computes the same masks), and ``ModelParallelStrategy`` with FSDP2's
+    ``fully_shard``. There each process keeps the masks of its own shards, and thresholds, counts and logged
+    sparsity are those of the full tensors (see :mod:`lightning_compress.sharding`).
     """
 
     def __init__(

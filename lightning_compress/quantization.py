@@ -51,7 +51,8 @@ class DynamicQuantization(Callback):
     rank zero, on the CPU, on a float32 copy without ``torch.compile`` wrappers. The LightningModule itself stays as
     it is and trainable; the quantized copy is ``quantized_model``. Before the first training step the whole path
     is rehearsed on one batch (copy, quantize, evaluate, trace, reload, check ``save_path``'s folder), so what
-    would fail at the end of fit fails at the start.
+    would fail at the end of fit fails at the start. Under ``ModelParallelStrategy`` with FSDP2, every rank takes
+    part in gathering the full state dict, and the copy is a plain, unsharded module holding it.
 
     Evaluation: when the module has a ``validation_step`` (and neither ``metric`` nor ``dataloader`` is given), the
     float and the quantized copy are evaluated with it on the validation data, through Lightning, and every metric
