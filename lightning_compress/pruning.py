@@ -816,11 +816,22 @@ class MagnitudePruning(Callback):
                 "target": snapshot["target"],
             }
         if self._masks is not None:
-            # Full masks even when sharded: Lightning writes callback state from rank zero alone, in a distributed
-            # checkpoint too (meta.pt beside the DCP shards). Gathering is a collective; Lightning calls
-            # state_dict on every rank when it saves.
-            state["masks"] = self.gathered_masks()
+            state["masks"] = self._masks_for_checkpoint()
         return state
+
+    def _masks_for_checkpoint(self) -> dict[str, Tensor]:
+        """Full bool masks. Sharded, they are gathered one parameter at a time (a collective: Lightning calls
+        ``state_dict`` on every rank when it saves) and kept on rank zero only, since Lightning writes callback
+        state from rank zero alone, in a distributed checkpoint too (``meta.pt`` beside the DCP shards)."""
+        if self._collective is mask_engine.LOCAL:
+            return {name: (m != 0).cpu() for name, m in zip(self._names, self._masks)}
+        keep = torch.distributed.get_rank() == 0
+        masks = {}
+        for name, p, m in zip(self._names, self._params, self._masks):
+            full = sharding.full_keep(p, m)
+            if keep:
+                masks[name] = full
+        return masks
 
     def _settings(self) -> dict[str, Any]:
         settings = {k: getattr(self, k) for k in _SETTINGS}
