@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import types
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -50,21 +51,25 @@ def validate(
             # TQDM, not Rich: a Rich bar here would share the outer Trainer's global console and break its teardown.
             callbacks=[TQDMProgressBar()] if progress else [],
         )
-        # The module is a copy of a configured one: its `configure_model` (where FSDP2 users call fully_shard,
-        # and others build layers) must not run again in this Trainer, on one process.
-        module.configure_model = _already_configured
+        # The module is a copy of a configured one whose data is prepared: its `configure_model` (where FSDP2 users
+        # call fully_shard, and others build layers) and `prepare_data` must not run again in this Trainer. Under
+        # DDP or FSDP only rank zero is here, and Lightning wraps `prepare_data` in a barrier of every rank.
+        # LightningModule's own no-op hooks, bound to the module: Lightning then sees them as not overridden
+        for hook in _DONE_HOOKS:
+            setattr(module, hook, types.MethodType(getattr(pl.LightningModule, hook), module))
         try:
             results = trainer.validate(module, dataloaders=dataloaders, verbose=False)
         finally:
-            del module.configure_model
+            for hook in _DONE_HOOKS:
+                delattr(module, hook)
     merged: dict[str, float] = {}
     for per_dataloader in results:
         merged.update({name: float(value) for name, value in per_dataloader.items()})
     return merged
 
 
-def _already_configured() -> None:
-    """``configure_model`` of a module whose layers are built (and, for the copy of a sharded one, unsharded)."""
+# Hooks whose work the outer Trainer did: layers built (and, for an FSDP2 model, the copy unsharded), data prepared.
+_DONE_HOOKS = ("configure_model", "prepare_data")
 
 
 @contextlib.contextmanager

@@ -217,6 +217,7 @@ class MagnitudePruning(Callback):
         self._names: list[str] = []
         self._aliases: dict[str, list[str]] = {}
         self._params: list[Tensor] = []
+        self._fsdp_modules: list[nn.Module] = []
         self._parts: list[mask_engine.Part] = []
         self._collective: mask_engine.Collective = mask_engine.LOCAL
         self._masks: list[Tensor] | None = None
@@ -437,6 +438,8 @@ class MagnitudePruning(Callback):
         return [name for name, _ in pl_module.named_parameters() if name in members]
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fsdp_modules = sharding.fsdp_modules(pl_module)
+        sharding.reshard(self._fsdp_modules)  # the sanity check's forward may have left them unsharded
         named = dict(pl_module.named_parameters())
         self._params = [named[name] for name in self._names]
         self._locate_shards(trainer)
@@ -670,6 +673,8 @@ class MagnitudePruning(Callback):
                 weights, self._masks, target, scores, self.scope, self._parts, self._collective
             )
         mask_engine.apply_masks(weights, self._masks)
+        # a module left unsharded by a forward without backward (validation) would run its stale unmasked copy
+        sharding.reshard(self._fsdp_modules)
 
     def _sharded_parts(self) -> list[mask_engine.Part] | None:
         return None if self._collective is mask_engine.LOCAL else self._parts
@@ -739,6 +744,7 @@ class MagnitudePruning(Callback):
         if self._guard is not None and self._guard.decide(wants_to_raise=False) == ROLL_BACK:
             self._roll_back()  # the last validation broke the budget: end within it
         mask_engine.apply_masks(self._local(), self._masks)  # after SWA/EMA wrote their averages (see setup)
+        sharding.reshard(self._fsdp_modules)
         self._report(trainer, "end of training", None)
         for line in self.summary_lines():
             rank_zero_info(f"MagnitudePruning: {line}")

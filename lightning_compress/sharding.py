@@ -26,6 +26,25 @@ from lightning_compress import compat
 from lightning_compress.masks import Collective, Part
 
 
+def fsdp_modules(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The submodules (``module`` included) that ``fully_shard`` manages."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in module.modules() if isinstance(m, FSDPModule)]
+
+
+def reshard(modules: Sequence[torch.nn.Module]) -> None:
+    """Register the sharded parameters of these FSDP2 modules again, freeing any unsharded copy (no communication).
+
+    FSDP2 registers plain, unsharded parameters on a module between its forward and its backward, and keeps them
+    after a forward without backward (a validation forward of the root module). Before reading
+    ``named_parameters()`` and after changing shards in place, this makes the module show, and its next forward
+    all-gather, the shards as they are.
+    """
+    for m in modules:
+        m.reshard()
+
+
 def is_sharded(parameter: Tensor) -> bool:
     """Whether ``parameter`` is a ``DTensor`` (each process holds part of it)."""
     return isinstance(parameter, DTensor)

@@ -7,7 +7,8 @@ sharded over 1, so rank 1 holds replicas). Lightning's launcher starts rank 1 by
 Each CASE is one fit; each rank writes OUT_DIR/<case>/rank<k>.pt with what the test compares against its oracle:
 the selected weights gathered before the first update, the gathered masks and the gathered final weights.
 
-CASE is one of: l1_global, l1_layerwise, random, ln_dim0, ln_dim1 (constant schedule, one epoch);
+CASE is one of: l1_global, l1_layerwise, random, ln_dim0, ln_dim1 (constant schedule, one epoch); demo: Lightning's
+demo Transformer with l1_global and DynamicQuantization;
 resume_<format>_full / resume_<format>_first / resume_<format>_second (format: "dcp" or "full"): an uninterrupted
 4-epoch cubic schedule, and the same run stopped after epoch 1 then resumed from its checkpoint;
 quantize: MagnitudePruning with DynamicQuantization(save_path=OUT_DIR/quantize/model.pt); quantize_fails_early /
@@ -21,9 +22,10 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from helpers import DigitsDataModule, DigitsMLP  # beside this script, which Python puts first on sys.path
+from helpers import DemoTransformer, DigitsDataModule, DigitsMLP  # beside this script, first on sys.path
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import fully_shard
 
 from lightning_compress import DynamicQuantization, MagnitudePruning
@@ -50,7 +52,19 @@ class ShardedMLP(DigitsMLP):
         fully_shard(self, mesh=mesh)
 
 
-class RecordInitialWeights(Callback):
+class ShardedDemoTransformer(DemoTransformer):
+    """Lightning's demo Transformer, its encoder and decoder layers and itself sharded (the embedding and the output
+    head belong to the root's group, whose parameters a validation forward leaves unsharded)."""
+
+    def configure_model(self) -> None:
+        mesh = self.device_mesh["data_parallel"]
+        for m in list(self.modules())[1:]:
+            if isinstance(m, (torch.nn.TransformerEncoderLayer, torch.nn.TransformerDecoderLayer)):
+                fully_shard(m, mesh=mesh)
+        fully_shard(self, mesh=mesh)
+
+
+class RecordInitialWeights(Callback):  # after MagnitudePruning, whose on_train_start must not rely on it
     """Gathers the selected weights at on_train_start, before MagnitudePruning's first update."""
 
     def __init__(self, pruning: MagnitudePruning) -> None:
@@ -58,8 +72,9 @@ class RecordInitialWeights(Callback):
         self.weights: dict[str, torch.Tensor] = {}
 
     def on_train_start(self, trainer, pl_module):
-        named = dict(pl_module.named_parameters())
-        self.weights = {n: named[n].full_tensor().detach().clone() for n in self.pruning.parameter_names}
+        # whatever FSDP2 registers now (a validation forward leaves the root's parameters unsharded)
+        full = get_model_state_dict(pl_module, options=StateDictOptions(full_state_dict=True))
+        self.weights = {n: full[n].detach().clone() for n in self.pruning.parameter_names}
 
 
 class FailsAfterTraining(DynamicQuantization):
@@ -80,8 +95,9 @@ def fit(out_dir: Path, layout: str, case: str) -> None:
     epochs, ckpt_path, callbacks = 1, None, []
     if case == "unsupported":  # not supported under sharding yet: must fail before training
         pruning = MagnitudePruning(amount=0.5, monitor="val_acc", max_drop=0.01)
-    elif case in CONSTANT:
-        pruning = MagnitudePruning(amount=0.6, schedule="constant", make_permanent=False, **CONSTANT[case])
+    elif case in CONSTANT or case == "demo":
+        settings = CONSTANT.get(case, CONSTANT["l1_global"])
+        pruning = MagnitudePruning(amount=0.6, schedule="constant", make_permanent=False, **settings)
     elif case.startswith("quantize"):
         pruning = MagnitudePruning(amount=0.5, end=2, make_permanent=False)
         epochs = 3
@@ -103,7 +119,7 @@ def fit(out_dir: Path, layout: str, case: str) -> None:
         elif case.endswith("_second"):
             ckpt_path = str(checkpoints / "epoch1.ckpt")
     quant = None
-    if case == "quantize":
+    if case in ("quantize", "demo"):
         quant = DynamicQuantization(save_path=out_dir / case / "model.pt")
     elif case == "quantize_fails_early":  # a monitor the module does not log: the rehearsal fails on rank zero
         quant = DynamicQuantization(monitor="val_accuracy")
@@ -117,14 +133,18 @@ def fit(out_dir: Path, layout: str, case: str) -> None:
         devices=2,
         strategy=strategy,
         max_epochs=epochs,
-        callbacks=[recorder, pruning, *callbacks],
+        callbacks=[pruning, recorder, *callbacks],
         logger=pl.loggers.CSVLogger(out_dir / case, name="logs"),
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    model = ShardedMLP(hidden=48)
-    trainer.fit(model, datamodule=DigitsDataModule(), ckpt_path=ckpt_path)
+    if case == "demo":
+        model = ShardedDemoTransformer()
+        trainer.fit(model)
+    else:
+        model = ShardedMLP(hidden=48)
+        trainer.fit(model, datamodule=DigitsDataModule(), ckpt_path=ckpt_path)
     named = dict(model.named_parameters())
     result = {
         "initial": recorder.weights,
@@ -134,8 +154,9 @@ def fit(out_dir: Path, layout: str, case: str) -> None:
         "local_masks": pruning.masks,
         "history": pruning.history,
         "is_global_zero": trainer.is_global_zero,
+        "quantized": quant is not None and quant.quantized_model is not None,
     }
-    if quant is not None:
+    if quant is not None and case != "demo":
         x = torch.rand(16, 64, generator=torch.Generator().manual_seed(1))
         result["input"] = x
         result["quantized"] = quant.quantized_model is not None

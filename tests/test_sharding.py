@@ -167,3 +167,18 @@ def test_a_quantization_failure_on_rank_zero_ends_every_rank_without_hanging(tmp
     else:  # after training, on rank zero, while the others return from their fit (or Lightning's launcher ends them)
         assert "DynamicQuantization failed after training (RuntimeError: injected failure" in result.stderr
         assert "The trained float model and its checkpoints are intact" in result.stderr
+
+
+def test_a_model_this_project_did_not_write_lightnings_demo_transformer(tmp_path):
+    (rank0, rank1) = _fsdp_results(tmp_path, "fsdp", "demo")["demo"]
+    # attention, feed-forward, embedding and head weights, some in the root's group (left unsharded by the sanity
+    # check's validation forward, which the callback handles)
+    assert "model.decoder.weight" in rank0["masks"] and len(rank0["masks"]) == 21
+    oracle = _oracle_masks("l1_global", rank0["initial"])
+    for name, expected in oracle.items():
+        assert torch.equal(rank0["masks"][name], expected), name
+        assert torch.equal(rank1["masks"][name], expected), name
+        assert not rank0["final"][name][~expected].any(), name
+    # its prepare_data (Lightning wraps it in a barrier of every rank) does not run again in the rehearsal's
+    # validation on rank zero alone, which hung before
+    assert rank0["quantized"] and not rank1["quantized"] and (tmp_path / "demo" / "model.pt").exists()
