@@ -1,5 +1,7 @@
 """Run by tests/test_ddp.py as `python ddp_script.py OUT_DIR METHOD [quantize [MONITOR]]`, strategy="ddp".
 
+METHOD: a pruning method, "guard" (L1 with an accuracy budget of 0) or "demo" (L1 on Lightning's demo Transformer).
+
 Two CPU processes.
 
 Lightning's launcher starts rank 1 by running this same command again. Each rank writes what it ended with to
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from helpers import DigitsDataModule, DigitsMLP  # beside this script, which Python puts first on sys.path
+from helpers import DemoTransformer, DigitsDataModule, DigitsMLP  # beside this script, first on sys.path
 
 from lightning_compress import MagnitudePruning
 
@@ -21,7 +23,8 @@ def main(out_dir: Path, method: str, quantize: bool, monitor: str | None = None)
     pl.seed_everything(0, verbose=False)
     # "guard": l1 with an accuracy budget of 0, so that holds or a rollback happen and every rank must agree
     guard = dict(start=1, monitor="val_acc", max_drop=0.0) if method == "guard" else {}
-    method = "l1_unstructured" if method == "guard" else method
+    demo = method == "demo"  # Lightning's demo Transformer, whose prepare_data Lightning runs inside a barrier
+    method = "l1_unstructured" if method in ("guard", "demo") else method
     pruning = MagnitudePruning(amount=0.7, method=method, make_permanent=False, **guard)
     callbacks = [pruning]
     quant = None
@@ -41,8 +44,12 @@ def main(out_dir: Path, method: str, quantize: bool, monitor: str | None = None)
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    model = DigitsMLP(hidden=32)
-    trainer.fit(model, datamodule=DigitsDataModule())
+    if demo:
+        model = DemoTransformer()
+        trainer.fit(model)
+    else:
+        model = DigitsMLP(hidden=32)
+        trainer.fit(model, datamodule=DigitsDataModule())
     torch.save(
         {
             "state_dict": model.state_dict(),

@@ -64,3 +64,10 @@ def test_a_rehearsal_failure_on_rank_zero_stops_every_rank_before_training(tmp_p
     assert result.returncode != 0
     assert "`monitor='val_accuracy'` is not among the metrics" in result.stderr
     assert not list(tmp_path.glob("rank*.pt"))
+
+
+def test_quantization_of_a_module_with_prepare_data_does_not_hang(tmp_path):
+    # Lightning wraps a module's prepare_data in a barrier of every rank; the quantization's inner validation on
+    # rank zero alone must not call it again (it hung until the subprocess timeout before)
+    rank0, rank1 = _run(tmp_path, "demo", "quantize")
+    assert rank0["quantized"] and not rank1["quantized"]
