@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import socket
 import statistics
 import subprocess
@@ -26,10 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+from mask_update import _rss_mb  # the single-process update benchmark's reading, beside this script
 
 
 def _reset_peak() -> None:

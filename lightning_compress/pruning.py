@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_compress import compat, measure, report, sharding
+from lightning_compress import compat, report, sharding
 from lightning_compress import masks as mask_engine
 from lightning_compress.guard import HOLD, RAISE, ROLL_BACK, AccuracyGuard
 from lightning_compress.schedules import is_update_index, target_sparsity, validate_schedule
@@ -681,13 +681,11 @@ class MagnitudePruning(Callback):
 
     def measured_sparsity(self) -> dict[str, float]:
         """``pruning/sparsity`` and ``pruning/sparsity/<name>``: measured fractions of exact zeros."""
-        if self._collective is mask_engine.LOCAL:
-            overall, by_name = measure.sparsity_by_name(dict(zip(self._names, self._params)))
-        else:  # zeros of the full tensors: every process's shard counted once
-            zeros = sharding.global_zero_counts(self._local(), self._parts, self._collective)
-            totals = [p.total for p in self._parts]
-            overall = sum(zeros) / sum(totals) if sum(totals) else float("nan")
-            by_name = {name: z / t for name, z, t in zip(self._names, zeros, totals)}
+        # zeros of the full tensors: when sharded, every process's shard counted once
+        zeros = sharding.global_zero_counts(self._local(), self._parts, self._collective)
+        totals = [p.total for p in self._parts]
+        overall = sum(zeros) / sum(totals) if sum(totals) else float("nan")
+        by_name = {name: z / t for name, z, t in zip(self._names, zeros, totals)}
         return {report.SPARSITY: overall, **{report.SPARSITY_PREFIX + name: v for name, v in by_name.items()}}
 
     def _report(self, trainer: pl.Trainer, when: str, index: int | None) -> None:
@@ -829,9 +827,7 @@ class MagnitudePruning(Callback):
         """Full bool masks. Sharded, they are gathered one parameter at a time (a collective: Lightning calls
         ``state_dict`` on every rank when it saves) and kept on rank zero only, since Lightning writes callback
         state from rank zero alone, in a distributed checkpoint too (``meta.pt`` beside the DCP shards)."""
-        if self._collective is mask_engine.LOCAL:
-            return {name: (m != 0).cpu() for name, m in zip(self._names, self._masks)}
-        keep = torch.distributed.get_rank() == 0
+        keep = self._collective is mask_engine.LOCAL or torch.distributed.get_rank() == 0
         masks = {}
         for name, p, m in zip(self._names, self._params, self._masks):
             full = sharding.full_keep(p, m)
@@ -891,8 +887,8 @@ class MagnitudePruning(Callback):
                     f"the parameter {tuple(weight.shape)}"
                 )
         self._masks = [
-            mask_engine.mask_from_bool(sharding.local_keep(p, saved[name]), w)
-            for name, p, w in zip(self._names, self._params, self._local())
+            mask_engine.mask_from_bool(sharding.local_keep(saved[name], part, w), w)
+            for name, part, w in zip(self._names, self._parts, self._local())
         ]
 
 

@@ -142,12 +142,8 @@ def full_keep(parameter: Tensor, mask: Tensor) -> Tensor:
     return shards.full_tensor().bool().cpu()
 
 
-def local_keep(parameter: Tensor, full: Tensor) -> Tensor:
-    """This process's shard of the full bool mask ``full`` of ``parameter``."""
-    if not is_sharded(parameter):
-        return full
-    shard = local(parameter)
-    part = part_of("", parameter)
+def local_keep(full: Tensor, part: Part, shard: Tensor) -> Tensor:
+    """This process's ``part`` of the full bool mask ``full``, shaped as its local tensor ``shard``."""
     return full.reshape(-1)[part.offset : part.offset + shard.numel()].reshape(shard.shape)
 
 

@@ -8,13 +8,17 @@ Lightning's launcher starts rank 1 by running this same command again. Each rank
 OUT_DIR/rank<k>.pt, for the test to compare.
 """
 
-import os
 import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from helpers import DemoTransformer, DigitsDataModule, DigitsMLP  # beside this script, first on sys.path
+from helpers import (  # beside this script, first on sys.path
+    DemoTransformer,
+    DigitsDataModule,
+    DigitsMLP,
+    end_distributed_process,
+)
 
 from lightning_compress import MagnitudePruning
 
@@ -64,11 +68,4 @@ def main(out_dir: Path, method: str, quantize: bool, monitor: str | None = None)
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), sys.argv[2], len(sys.argv) > 3, sys.argv[4] if len(sys.argv) > 4 else None)
-    # Lightning leaves the process group up; a gloo group alive at interpreter exit can abort the process
-    # ("terminate called without an active exception", pytorch/pytorch#190489). Under FSDP2 it still happens
-    # after destroy_process_group, in about 1 exit of 4, with or without these callbacks (DESIGN.md): the
-    # results are written, so the process ends here, skipping the interpreter's finalization.
-    torch.distributed.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    end_distributed_process()

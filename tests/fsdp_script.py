@@ -16,13 +16,17 @@ quantize_fails_late: DynamicQuantization failing on rank zero in its rehearsal /
 setting MagnitudePruning does not support under sharding (it must fail before training).
 """
 
-import os
 import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from helpers import DemoTransformer, DigitsDataModule, DigitsMLP  # beside this script, first on sys.path
+from helpers import (  # beside this script, first on sys.path
+    DemoTransformer,
+    DigitsDataModule,
+    DigitsMLP,
+    end_distributed_process,
+)
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -159,7 +163,6 @@ def fit(out_dir: Path, layout: str, case: str) -> None:
     if quant is not None and case != "demo":
         x = torch.rand(16, 64, generator=torch.Generator().manual_seed(1))
         result["input"] = x
-        result["quantized"] = quant.quantized_model is not None
         if quant.quantized_model is not None:
             result["outputs"] = quant.quantized_model(x).detach()
             result["results"] = quant.results
@@ -170,11 +173,4 @@ def fit(out_dir: Path, layout: str, case: str) -> None:
 if __name__ == "__main__":
     for name in sys.argv[3:]:
         fit(Path(sys.argv[1]), sys.argv[2], name)
-    # Lightning leaves the process group up; a gloo group alive at interpreter exit can abort the process
-    # ("terminate called without an active exception", pytorch/pytorch#190489). Under FSDP2 it still happens
-    # after destroy_process_group, in about 1 exit of 4, with or without these callbacks (DESIGN.md): the
-    # results are written, so the process ends here, skipping the interpreter's finalization.
-    torch.distributed.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    end_distributed_process()
