@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_compress import compat, evaluation, measure, pipeline, report, sharding
+from lightning_compress import compat, evaluation, linear_like, measure, outcomes, pipeline, report, sharding
 from lightning_compress.artifact import save_compressed, save_quantized
 from lightning_compress.backends import DTYPES, SUPPORTED_MODULES
 from lightning_compress.inputs import ModelInput, capture_inputs
@@ -37,6 +37,8 @@ from lightning_compress.shrinking import SHRINK_HINT, shrink
 LATENCY_BATCHES = 32
 #: Rounds of interleaved timing of the float and the quantized model.
 LATENCY_ROUNDS = 5
+#: About how long timing may take: large evaluation batches are timed fewer (see pipeline.interleaved_latency).
+LATENCY_BUDGET_S = 20.0
 
 
 class QuantizationError(RuntimeError):
@@ -62,7 +64,11 @@ class DynamicQuantization(Callback):
     Args:
         dtype: ``"qint8"`` or ``"float16"`` (``torch.qint8`` / ``torch.float16`` accepted).
         modules: what to quantize: ``None`` for every supported layer (Linear, LSTM, GRU, LSTMCell, GRUCell,
-            RNNCell), or layer types and/or glob patterns over module names (e.g. ``["encoder.*"]``).
+            RNNCell, and the Linear layers in disguise of :mod:`lightning_compress.linear_like`: transformers'
+            ``Conv1D``, Linear subclasses that keep ``Linear.forward``, parametrized Linears), or layer types and/or
+            glob patterns over module names (e.g. ``["encoder.*"]``). A layer whose weight is tied to another
+            module (GPT-2's ``lm_head``) stays float, with the reason in the summary, unless a pattern here names it
+            (its weight is then stored twice; see :func:`lightning_compress.outcomes.tied_layers`).
         evaluate: measure the metrics and latency before and after quantization on the evaluation data.
         metric: a torchmetrics ``Metric`` of ``(output, target)`` for the ``(input, target)`` path.
         dataloader: evaluation batches ``(input, target)`` (a DataLoader, a list of batches, any iterable) for the
@@ -86,11 +92,17 @@ class DynamicQuantization(Callback):
     Logged once at the end of fit, to every logger: ``quantization/<metric>_before``/``_after`` for each metric,
     ``quantization/accuracy_before``/``_after`` (the headline metric), ``quantization/size_mb_before``/``_after``
     (bytes of the serialized state dict / 1e6), ``quantization/latency_ms_before``/``_after`` (median per batch,
-    the two models timed interleaved on the same batches), ``quantization/coverage`` (fraction of the model's
-    parameters in quantized layers), ``quantization/size_mb_compressed`` (with ``compress=True``),
-    ``quantization/kernel_speedup/<layer>`` (with ``sparse_kernels="auto"``), and ``quantization/sparsity_before``
-    / ``quantization/sparsity_after`` (zeros in the float and the quantized weights) over the parameters that a
-    pruning callback reports (:class:`lightning_compress.protocols.PruningCallback`).
+    the two models timed interleaved on the same batches: those the model's forward received during evaluation,
+    up to 32 and about ``LATENCY_BUDGET_S`` of timing, else ``example_input_array``), ``quantization/coverage``
+    (fraction of the model's parameters in layers that run quantized, shared parameters counted once),
+    ``quantization/size_mb_compressed`` (with ``compress=True``), ``quantization/kernel_speedup/<layer>`` (with
+    ``sparse_kernels="auto"``), and ``quantization/sparsity_before`` / ``quantization/sparsity_after`` (zeros in
+    the float and the quantized weights) over the parameters that a pruning callback reports
+    (:class:`lightning_compress.protocols.PruningCallback`).
+
+    After fit, ``layers`` lists every module that holds parameters as it ended (a
+    :class:`lightning_compress.outcomes.LayerOutcome`: its dtype in the quantized model and, for a float one, why),
+    and the summary table shows the same, weight by weight.
     """
 
     def __init__(
@@ -117,7 +129,12 @@ class DynamicQuantization(Callback):
         if modules is not None:
             modules = [modules] if isinstance(modules, (str, type)) else list(modules)
             unsupported = [
-                m for m in modules if not (isinstance(m, str) or (isinstance(m, type) and m in SUPPORTED_MODULES))
+                m
+                for m in modules
+                if not (
+                    isinstance(m, str)
+                    or (isinstance(m, type) and (m in SUPPORTED_MODULES or linear_like.is_linear_like_type(m)))
+                )
             ]
             if unsupported or not modules:
                 names = ", ".join(getattr(m, "__name__", repr(m)) for m in unsupported) or "an empty list"
@@ -171,6 +188,7 @@ class DynamicQuantization(Callback):
         self.kernel_choices: dict[str, KernelChoice] = {}
         self.stage_seconds: dict[str, float] = {}
         self.quantized_layers: list[str] = []
+        self.layers: list[outcomes.LayerOutcome] = []
 
     # ------------------------------------------------------------------ before training: fail fast
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -267,6 +285,11 @@ class DynamicQuantization(Callback):
                 before = before if self.evaluate else {}
             else:
                 inputs, before = [], {}
+        # Latency is timed on the batches evaluation fed the model, when it fed it any: example_input_array (often a
+        # few zeros) can time another workload than the users'. Tracing, shrink and kernels take the example first.
+        timed, timed_on = inputs, "evaluation batches"
+        if not inputs and example is not None:
+            timed, timed_on = [example], "example_input_array"
         if example is not None:
             inputs = [example]
         if needs_inputs and not inputs:
@@ -298,10 +321,13 @@ class DynamicQuantization(Callback):
             self._rehearse_artifact(quantized, inputs[0] if inputs else None)
             return
         with _timed(stages, "time latency", announce=True):
-            timed = inputs if self.evaluate else []
-            comparison = pipeline.compare(float_model, quantized, names, timed, before, after, LATENCY_ROUNDS)
-        comparison.cast_from = cast_from
-        comparison.coverage = pipeline.coverage(to_quantize, names)
+            timed = timed if self.evaluate else []
+            comparison = pipeline.compare(
+                float_model, quantized, names, timed, before, after, LATENCY_ROUNDS, LATENCY_BUDGET_S
+            )
+        layers = outcomes.layer_outcomes(to_quantize, quantized, self.modules, self.exclude, self.kernel_choices)
+        comparison.cast_from, comparison.timed_on = cast_from, timed_on if timed else None
+        comparison.coverage = outcomes.coverage(layers)
         results = self._results(comparison, headline)
         results.update(self._sparsity(trainer, float_model, quantized))
         if self.save_path is not None:
@@ -310,7 +336,8 @@ class DynamicQuantization(Callback):
             if size is not None:
                 results[report.SIZE_COMPRESSED] = size / 1e6
         self.quantized_model, self.comparison, self.results = quantized, comparison, results
-        self.quantized_layers, self.stage_seconds = names, stages
+        self.layers, self.stage_seconds = layers, stages
+        self.quantized_layers = [layer.name for layer in layers if layer.quantized]
         report.log_to_loggers(trainer, results)
         for regression in comparison.regressions():
             rank_zero_warn(f"DynamicQuantization: {regression}.")
@@ -325,6 +352,7 @@ class DynamicQuantization(Callback):
                 headline=headline,
                 comparison=comparison,
                 stage_seconds=stages,
+                layers=layers,
                 notes=notes
                 + [line for c in trainer.callbacks if isinstance(c, SummaryLines) for line in c.summary_lines()],
             )

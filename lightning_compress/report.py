@@ -56,14 +56,18 @@ def summary_table(
     comparison: Any = None,
     stage_seconds: Mapping[str, float] | None = None,
     notes: Sequence[str] = (),
+    layers: Sequence[Any] | None = None,
 ) -> str:
-    """The end-of-fit summary: sparsity per layer and overall, the metrics (the headline one first), size and
-    latency, float vs quantized, with coverage, notes and how long each stage took.
+    """The end-of-fit summary: per weight, the dtype it runs as (and why, when float) and its sparsity; overall
+    sparsity, the metrics (the headline one first), size and latency, float vs quantized, with coverage, notes and
+    how long each stage took.
 
     Every figure comes from ``results``, ``layer_sparsity`` (``name -> (float, quantized)`` fractions of zeros),
-    ``comparison`` (a :class:`lightning_compress.pipeline.Comparison`) and ``stage_seconds``, which
+    ``comparison`` (a :class:`lightning_compress.pipeline.Comparison`), ``layers`` (the
+    :class:`lightning_compress.outcomes.LayerOutcome` of each module) and ``stage_seconds``, which
     ``DynamicQuantization`` measured in this run; ``baseline_accuracy`` is shown as given.
     """
+    weight_rows, other_lines = _layer_rows(layers or (), layer_sparsity or {})
     pruned = SPARSITY_BEFORE in results
     metrics = _metric_names(results)
     if headline is None and ACCURACY_BEFORE in results:
@@ -71,18 +75,26 @@ def summary_table(
     if headline in metrics:
         metrics.remove(headline)
     labels = [f"{headline}, pruned" if pruned else headline] if headline else []
-    labels += [*metrics, "size compressed (MB)", *(f"  {n}" for n in layer_sparsity or {})]
+    labels += [*metrics, "size compressed (MB)", *(f"  {name}" for name, _ in weight_rows)]
     width = max(len(label) for label in labels)
     lines = [f"lightning_compress summary ({dtype}, every figure measured in this run):"]
-    lines.append(f"  {'':{width}s} {'float':>12s} {dtype:>12s} {'ratio':>8s}")
+    lines.append(f"  {'':{width}s} {'float':>12s} {'quantized':>12s} {'ratio':>8s}")
 
     def row(label: str, before: float | None, after: float | None, fmt: str, ratio: bool = False, extra="") -> None:
         cells = [fmt.format(v) if v is not None else "" for v in (before, after)]
         shown = f"{before / after:.2f}x" if ratio and before is not None and after else ""
         lines.append(f"  {label:{width}s} {cells[0]:>12s} {cells[1]:>12s} {shown:>8s}{extra}")
 
-    for name, (before, after) in (layer_sparsity or {}).items():
-        row(f"  {name}", before, after, "{:.2%}")
+    if weight_rows:
+        lines.append(
+            "  weights: zeros in the float and the quantized model, and what each runs as"
+            if pruned
+            else "  weights: what each runs as"
+        )
+    for name, runs_as in weight_rows:
+        before, after = (layer_sparsity or {}).get(name, (None, None))
+        row(f"  {name}", before, after, "{:.2%}", extra=f"  {runs_as}" if runs_as else "")
+    lines.extend(f"    {line}" for line in other_lines)
     if pruned:
         row("sparsity (overall)", results[SPARSITY_BEFORE], results[SPARSITY_AFTER], "{:.2%}")
     if baseline_accuracy is not None:
@@ -100,6 +112,8 @@ def summary_table(
             b, a = comparison.latency_before, comparison.latency_after
             spread = f"  rounds: {b.low_ms:.3f}-{b.high_ms:.3f} / {a.low_ms:.3f}-{a.high_ms:.3f} ms, interleaved"
         row("latency (ms/batch)", results[LATENCY_BEFORE], results[LATENCY_AFTER], "{:.3f}", ratio=True, extra=spread)
+        if comparison is not None and comparison.timed_inputs:
+            lines.append(f"  latency: timed on {_timed_inputs(comparison.timed_inputs, comparison.timed_on)}")
     if QUANTIZATION_COVERAGE in results:
         lines.append(
             f"  coverage: {results[QUANTIZATION_COVERAGE]:.1%} of the model's parameters are in quantized layers"
@@ -116,7 +130,8 @@ def summary_table(
             f"  note: the quantized model is SLOWER here ({results[LATENCY_BEFORE] / results[LATENCY_AFTER]:.2f}x)"
         )
     if results[SIZE_AFTER] > results[SIZE_BEFORE]:
-        lines.append("  note: the quantized model is LARGER (packed-weight overhead on small layers)")
+        causes = getattr(comparison, "size_causes", None)
+        lines.append("  note: the quantized model is LARGER" + (": " + "; ".join(causes) if causes else ""))
     for name, choice in (kernel_choices or {}).items():
         times = ", ".join(f"{kind} {ms:.3f}" for kind, ms in choice.times_ms.items())
         close = "; too close to call, kept the default" if getattr(choice, "too_close_to_call", False) else ""
@@ -130,6 +145,46 @@ def summary_table(
     if save_path:
         lines.append(f"  artifact: {save_path}")
     return "\n".join(lines)
+
+
+def _layer_rows(layers: Sequence[Any], layer_sparsity: Mapping[str, Any]) -> tuple[list[tuple[str, str]], list[str]]:
+    """Rows ``(weight name, what it runs as)`` of the summary, and the lines below them: the modules without a
+    weight matrix, grouped, then the reasons of the float rows, numbered once each."""
+    reasons: dict[str, int] = {}
+
+    def runs_as(layer: Any) -> str:
+        if layer.reason is None:
+            return f"{layer.dtype} ({layer.kind} as Linear)" if layer.as_linear else layer.dtype
+        number = reasons.setdefault(layer.reason, len(reasons) + 1)
+        return f"{layer.dtype} [{number}]"
+
+    by_module = {layer.name: layer for layer in layers}
+    rows: dict[str, str] = {}
+    for layer in layers:
+        for weight in layer.weights:
+            rows[weight] = runs_as(layer)
+    for name in layer_sparsity:  # pruned parameters that are not weight matrices
+        if name not in rows:
+            layer = by_module.get(name.rpartition(".")[0])
+            rows[name] = runs_as(layer) if layer is not None else ""
+    groups: dict[str, list[str]] = {}
+    for layer in layers:
+        if not layer.weights and not any(n.startswith(f"{layer.name}.") for n in layer_sparsity):
+            groups.setdefault(runs_as(layer), []).append(layer.kind)
+    lines = []
+    for shown, kinds in groups.items():
+        counted = ", ".join(f"{kind} x{kinds.count(kind)}" for kind in dict.fromkeys(kinds))
+        lines.append(
+            f"and {len(kinds)} layer{'s' if len(kinds) > 1 else ''} without a weight matrix ({counted}): {shown}"
+        )
+    lines += [f"[{number}] {reason}" for reason, number in reasons.items()]
+    return list(rows.items()), lines
+
+
+def _timed_inputs(described: Sequence[str], source: str | None) -> str:
+    """``evaluation batches (2): (float32[256, 64]) x1, (float32[103, 64]) x1``: the calls timed, by shape."""
+    shapes = ", ".join(f"{d} x{described.count(d)}" for d in dict.fromkeys(described))
+    return f"{source or 'inputs'} ({len(described)}): {shapes}"
 
 
 def _metric_names(results: Mapping[str, float]) -> list[str]:

@@ -182,6 +182,52 @@ class TiedLM(pl.LightningModule):
         return DataLoader(token_data(self.vocab_size), batch_size=16)
 
 
+class TinyGPT2(pl.LightningModule):
+    """transformers' ``GPT2LMHeadModel`` from a tiny config (random init, nothing downloaded): its attention and MLP
+    matrices are ``Conv1D`` (weight stored (in, out)), its ``lm_head`` tied to the token embedding ``wte``.
+    Next-token cross-entropy on local random tokens; validation logs ``val_loss``."""
+
+    def __init__(self, vocab_size: int = 96, n_embd: int = 64, n_layer: int = 2, n_positions: int = 16) -> None:
+        super().__init__()
+        import transformers  # a test extra; only the tests that use GPT-2 need it
+
+        transformers.logging.set_verbosity_error()
+        config = transformers.GPT2Config(
+            vocab_size=vocab_size,
+            n_positions=n_positions,
+            n_embd=n_embd,
+            n_layer=n_layer,
+            n_head=2,
+            use_cache=False,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
+        self.vocab_size = vocab_size
+        self.model = transformers.GPT2LMHeadModel(config)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids).logits
+
+    def _loss(self, batch) -> torch.Tensor:
+        inputs, target = batch
+        return F.cross_entropy(self(inputs).flatten(0, 1), target.flatten())
+
+    def training_step(self, batch, batch_idx):
+        return self._loss(batch)
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self._loss(batch))
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(token_data(self.vocab_size, n=32), batch_size=16)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(token_data(self.vocab_size, n=16, seed=1), batch_size=8)
+
+
 class ConfiguredMLP(pl.LightningModule):
     """Builds every layer in ``configure_model`` (Lightning's hook for large models); digits-shaped."""
 

@@ -1,0 +1,151 @@
+"""Linear layers in disguise: modules that compute ``y = x W^T + b`` under another type, turned into ``nn.Linear``.
+
+Dynamic quantization (``torch.ao``'s ``quantize_dynamic``) replaces modules by their exact type, so a layer that
+computes a Linear under another type stays float, silently. :func:`as_linears` converts these, on a copy, into
+plain ``nn.Linear`` modules with equal outputs, so that they are quantized like any Linear:
+
+* transformers' ``Conv1D`` (GPT-2, OpenAI GPT, ImageGPT, Decision Transformer, CLVP): the weight is stored
+  (in, out) and ``y = x @ W + b``; the Linear gets the transposed weight. transformers is an optional dependency:
+  the class is looked up in ``sys.modules`` (a ``Conv1D`` instance exists only once transformers has loaded it),
+  never imported here.
+* subclasses of ``nn.Linear`` that keep ``nn.Linear.forward`` (a custom ``__init__`` or initialisation, extra
+  attributes): torch.ao matches ``type(module) is nn.Linear`` only. Not ``NonDynamicallyQuantizableLinear``:
+  it is ``nn.MultiheadAttention``'s ``out_proj``, whose weight the attention's functional forward reads directly,
+  so a quantized module there would break it (:mod:`lightning_compress.outcomes` states that reason).
+* Linear layers parametrized with ``torch.nn.utils.parametrize`` (``parametrizations.weight_norm``,
+  ``spectral_norm``, ``orthogonal``): folded into the weight they compute (in eval mode, as the copy is);
+  torch.ao's ``from_float`` refuses a ``ParametrizedLinear``.
+
+Not converted: pointwise (1x1) convolutions are a Linear over channels, but channels-first; they are left to static
+quantization with the other convolutions. A layer whose weight is shared with another module (a tie) is left as it
+is: converting it would untie the weight.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+#: Attributes set on a converted module: the type it had in the trained model, and what it was, in words.
+_ORIGINAL = "_lightning_compress_original_type"
+_KIND = "_lightning_compress_converted_from"
+_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs")
+
+
+def conv1d_type() -> type[nn.Module] | None:
+    """transformers' ``Conv1D`` class when transformers has loaded it, else ``None`` (nothing imported here)."""
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+
+
+def is_linear_like_type(cls: type) -> bool:
+    """Whether instances of ``cls`` are Linear layers in disguise (for ``modules=[...]`` given as types)."""
+    conv1d = conv1d_type()
+    if conv1d is not None and issubclass(cls, conv1d):
+        return cls.forward is conv1d.forward
+    return issubclass(cls, nn.Linear) and cls is not nn.Linear and _keeps_linear_forward(cls)
+
+
+def original_type(module: nn.Module) -> type[nn.Module]:
+    """The type ``module`` had before :func:`as_linears` converted it (its own type otherwise)."""
+    return getattr(module, _ORIGINAL, type(module))
+
+
+def converted_from(module: nn.Module) -> str | None:
+    """What :func:`as_linears` converted ``module`` from (``"Conv1D"``, ``"Linear with WeightNorm"``...), or None."""
+    return getattr(module, _KIND, None)
+
+
+def as_linears(model: nn.Module) -> dict[str, str]:
+    """Convert, in place, every Linear layer in disguise in ``model`` into an ``nn.Linear`` with equal outputs.
+
+    Returns the converted layers' names and what each was (``"Conv1D"``, a subclass's name, ``"Linear with
+    WeightNorm"``...). Meant for a copy (``pipeline.float_copy`` calls it): modules are replaced or retyped in place.
+    """
+    shared = _shared_parameter_ids(model)
+    converted: dict[str, str] = {}
+    for name, module in list(model.named_modules()):
+        kind = _kind(module)
+        if kind is None or not name or any(id(p) in shared for p in module.parameters(recurse=False)):
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear = _to_linear(module)
+        if linear is None:
+            continue
+        setattr(linear, _KIND, kind)
+        setattr(parent, child, linear)
+        converted[name] = kind
+    return converted
+
+
+def _kind(module: nn.Module) -> str | None:
+    conv1d = conv1d_type()
+    if conv1d is not None and isinstance(module, conv1d):
+        return "Conv1D" if type(module).forward is conv1d.forward else None
+    if not isinstance(module, nn.Linear) or isinstance(module, nn.modules.lazy.LazyModuleMixin):
+        return None
+    base = parametrize.type_before_parametrizations(module)
+    if base is not nn.Linear and not is_linear_like_type(base):
+        return None
+    if parametrize.is_parametrized(module):
+        folded = ", ".join(_parametrization_names(module))
+        return f"{base.__name__} with {folded}"
+    return base.__name__ if base is not nn.Linear else None
+
+
+def _keeps_linear_forward(cls: type) -> bool:
+    return cls.forward is nn.Linear.forward and cls is not nn.modules.linear.NonDynamicallyQuantizableLinear
+
+
+def _parametrization_names(module: nn.Module) -> list[str]:
+    return [type(p).__name__.lstrip("_") for plist in module.parametrizations.values() for p in plist]
+
+
+def _to_linear(module: nn.Module) -> nn.Linear | None:
+    original = parametrize.type_before_parametrizations(module)
+    conv1d = conv1d_type()
+    if conv1d is not None and isinstance(module, conv1d):
+        # The transposed view, not a contiguous copy: F.linear then multiplies by W itself, the GEMM Conv1D runs, and
+        # the outputs are bit-identical (a contiguous copy differed in the last bit on 20 of 36 shapes measured).
+        weight, bias = module.weight.detach().t(), module.bias
+    elif parametrize.is_parametrized(module):
+        # Not parametrize.remove_parametrizations: it edits the module's class, which a deep copy shares with the
+        # original model. The weights as the parametrizations compute them, in the copy's (eval) mode.
+        with torch.no_grad():
+            weight = module.weight.detach().clone()
+            bias = module.bias.detach().clone() if module.bias is not None else None
+    else:
+        try:  # a subclass that kept Linear's forward: the same module, as a Linear
+            module.__class__ = nn.Linear
+        except TypeError:  # a layout Linear's cannot take (__slots__): left as it is
+            return None
+        setattr(module, _ORIGINAL, original)
+        return module
+    linear = torch.nn.utils.skip_init(
+        nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype
+    )
+    linear.weight = nn.Parameter(weight, requires_grad=_requires_grad(module))
+    if bias is not None:
+        linear.bias = (
+            bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=_requires_grad(module))
+        )
+    for hooks in _HOOKS:  # as torch.ao keeps a swapped module's hooks
+        getattr(linear, hooks).update(getattr(module, hooks))
+    linear.train(module.training)
+    setattr(linear, _ORIGINAL, original)
+    return linear
+
+
+def _requires_grad(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters())
+
+
+def _shared_parameter_ids(model: nn.Module) -> set[int]:
+    seen: set[int] = set()
+    shared: set[int] = set()
+    for _, p in model.named_parameters(remove_duplicate=False):
+        (shared if id(p) in seen else seen).add(id(p))
+    return shared
