@@ -61,8 +61,13 @@ def evaluate(model: nn.Module, batches: Iterable[Any], metric: torchmetrics.Metr
 
 def serialized_size_bytes(model: nn.Module) -> int:
     """Bytes of ``torch.save(model.state_dict())``: what storing the weights really costs."""
+    return serialized_state_bytes(model.state_dict())
+
+
+def serialized_state_bytes(state: Mapping[str, Any]) -> int:
+    """Bytes of ``torch.save(state)``, for a state dict or part of one (a tensor shared by entries is stored once)."""
     buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
+    torch.save(state, buffer)
     return buffer.getbuffer().nbytes
 
 

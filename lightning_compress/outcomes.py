@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import io
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from lightning_compress import linear_like
+from lightning_compress import linear_like, measure
 from lightning_compress.backends import SUPPORTED_MODULES
 
 #: What dynamic quantization covers, said once for every float row that is outside it.
@@ -252,7 +251,9 @@ def size_causes(float_model: nn.Module, quantized: nn.Module) -> list[str]:
         # what quantizing this layer freed: its float state, less the tied tensors, which are still stored
         kept = {n for n, _ in ties}
         freed = {k: v for k, v in layer.state_dict(prefix=f"{name}.").items() if k not in kept}
-        added = _state_bytes(q_layer.state_dict(prefix=f"{name}.")) - _state_bytes(freed)
+        added = measure.serialized_state_bytes(q_layer.state_dict(prefix=f"{name}.")) - measure.serialized_state_bytes(
+            freed
+        )
         if ties:
             n, other = ties[0]
             causes.append((added, f"{n} is tied to {other}, which stays float: its {dtype} copy is stored beside it"))
@@ -261,31 +262,17 @@ def size_causes(float_model: nn.Module, quantized: nn.Module) -> list[str]:
         elif added > 0:
             small.append((added, name))
     causes = [(b, f"{cause} (+{_bytes(b)})") for b, cause in causes if b > 0]
-    if half:
-        added = sum(b for b, _ in half)
-        causes.append(
-            (
-                added,
-                f"torch.ao stores float16 weights as float32: {_layers(half)} save nothing and add their packing "
-                f"entries (+{_bytes(added)})",
-            )
-        )
-    if small:
-        added = sum(b for b, _ in small)
-        causes.append(
-            (
-                added,
-                f"{_layers(small)} too small for the packed format: the scale, zero point and packing entries "
-                f"outweigh the bytes saved (+{_bytes(added)})",
-            )
-        )
+    for sized, cause in (
+        (half, "torch.ao stores float16 weights as float32: {} save nothing and add their packing entries"),
+        (
+            small,
+            "{} too small for the packed format: the scale, zero point and packing entries outweigh the bytes saved",
+        ),
+    ):
+        if sized:
+            added = sum(b for b, _ in sized)
+            causes.append((added, f"{cause.format(_layers(sized))} (+{_bytes(added)})"))
     return [cause for _, cause in sorted(causes, key=lambda item: -item[0])]
-
-
-def _state_bytes(state: Mapping[str, Any]) -> int:
-    buffer = io.BytesIO()
-    torch.save(dict(state), buffer)
-    return buffer.getbuffer().nbytes
 
 
 def _stored_dtypes(module: nn.Module) -> set[torch.dtype]:

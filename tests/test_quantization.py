@@ -151,8 +151,10 @@ def test_float16_and_torch_dtype_spelling(quiet_trainer_kwargs):
     assert abs(results["quantization/accuracy_before"] - results["quantization/accuracy_after"]) <= 0.01
     weight = quantized_weights(quant.quantized_model)["net.0.weight"]
     assert torch.equal(weight, model.net[0].weight.detach().half().float())  # weights rounded to float16
-    # sizes are measured, not estimated: torch.ao serializes float16 packed weights back as float32
+    # sizes are measured, not estimated: torch.ao serializes float16 packed weights back as float32, and says so
     assert results["quantization/size_mb_after"] == serialized_size_bytes(quant.quantized_model) / 1e6
+    (larger,) = [r for r in quant.comparison.regressions() if "larger" in r]
+    assert "torch.ao stores float16 weights as float32: 3 layers (net." in larger
 
 
 def test_evaluate_false_needs_no_validation_data(quiet_trainer_kwargs):

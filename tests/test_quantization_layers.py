@@ -7,11 +7,12 @@ import logging
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import DigitsDataModule, TinyGPT2, _Classifier
+from helpers import DigitsDataModule, TinyGPT2, _Classifier, pruned_mlp
 from torch import nn
 from torch.nn.utils import parametrizations
 
 from lightning_compress import DynamicQuantization, MagnitudePruning, outcomes, pipeline
+from lightning_compress.kernels import FLOAT_DENSE, QUANTIZED_DENSE, SPARSE_CSR, KernelChoice, build_with_kernels
 from lightning_compress.measure import serialized_size_bytes
 
 STATIC_HINT = "Conv2d: dynamic quantization covers Linear and RNN layers; StaticQuantization covers convolutions"
@@ -202,6 +203,17 @@ def test_float_rows_name_the_selection_that_left_them_float():
     assert outcomes.coverage(layers.values()) == pytest.approx(
         sum(p.numel() for p in model[0].parameters()) / sum(p.numel() for p in model.parameters())
     )
+
+
+def test_layers_given_another_kernel_run_float_and_are_not_counted_as_quantized():
+    model = pruned_mlp((16, 32, 8), 0.9)
+    csr = KernelChoice(SPARSE_CSR, {QUANTIZED_DENSE: 2.0, SPARSE_CSR: 1.0, FLOAT_DENSE: 3.0}, 0.9)
+    quantized = build_with_kernels(model, {"0": csr}, torch.qint8, ["0", "2"])
+    layers = {o.name: o for o in outcomes.layer_outcomes(model, quantized, kernel_choices={"0": csr})}
+    assert layers["0"].dtype == "float32" and layers["0"].reason.startswith("sparse_kernels='auto': fp32 sparse")
+    head = sum(p.numel() for p in model[2].parameters()) / sum(p.numel() for p in model.parameters())
+    assert pipeline.compare(model, quantized, ["0", "2"]).coverage == pytest.approx(head)
+    assert outcomes.coverage(layers.values()) == pytest.approx(head)
 
 
 def test_size_causes_are_computed_from_the_two_models():
