@@ -101,11 +101,12 @@ def select_modules(
     chosen = [name for name in chosen if not any(fnmatch.fnmatchcase(name, p) for p in exclude)]
     if not chosen:
         held = sorted({type(m).__name__ for m in model.modules() if not list(m.children())})
+        tied = "".join(f" {name} stays float: {why}." for name, why in outcomes.tied_layers(model).items())
         raise ValueError(
             "DynamicQuantization would quantize nothing: no layer of the model is selected. Dynamic quantization "
             f"covers {', '.join(t.__name__ for t in SUPPORTED_MODULES)} (activations are quantized on the fly inside "
             f"these layers); the model holds {', '.join(held) or 'no layers'}. Quantizable layers: "
-            f"{_listing(candidates)}"
+            f"{_listing(candidates)}.{tied}"
         )
     return chosen
 

@@ -140,9 +140,10 @@ class DynamicQuantization(Callback):
                 names = ", ".join(getattr(m, "__name__", repr(m)) for m in unsupported) or "an empty list"
                 raise ValueError(
                     f"`modules` got {names}, which dynamic quantization cannot quantize. It takes glob patterns over "
-                    f"module names and the layer types {_names(SUPPORTED_MODULES)}: their weights are quantized ahead "
-                    "of time and activations are quantized on the fly inside these layers, so other modules (ReLU, "
-                    "Conv2d, ...) have no dynamically quantized form. Use static quantization for convolutions."
+                    f"module names and the layer types {_names(SUPPORTED_MODULES)} (and Linear layers in disguise: "
+                    "transformers' Conv1D, Linear subclasses that keep Linear.forward): their weights are quantized "
+                    "ahead of time and activations are quantized on the fly inside these layers, so other modules "
+                    "(ReLU, Conv2d, ...) have no dynamically quantized form. Use static quantization for convolutions."
                 )
         if isinstance(exclude, str):
             exclude = [exclude]

@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn.utils import parametrizations
 
 from lightning_compress import DynamicQuantization, MagnitudePruning, outcomes, pipeline
+from lightning_compress.inputs import ModelInput
 from lightning_compress.kernels import FLOAT_DENSE, QUANTIZED_DENSE, SPARSE_CSR, KernelChoice, build_with_kernels
 from lightning_compress.measure import serialized_size_bytes
 
@@ -203,6 +204,10 @@ def test_float_rows_name_the_selection_that_left_them_float():
     assert outcomes.coverage(layers.values()) == pytest.approx(
         sum(p.numel() for p in model[0].parameters()) / sum(p.numel() for p in model.parameters())
     )
+    tied = nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 5, bias=False))
+    tied[1].weight = tied[0].weight
+    with pytest.raises(ValueError, match=r"would quantize nothing.* 1 stays float: tied to 0\.weight \(Embedding\)"):
+        pipeline.select_modules(tied)
 
 
 def test_layers_given_another_kernel_run_float_and_are_not_counted_as_quantized():
@@ -214,6 +219,14 @@ def test_layers_given_another_kernel_run_float_and_are_not_counted_as_quantized(
     head = sum(p.numel() for p in model[2].parameters()) / sum(p.numel() for p in model.parameters())
     assert pipeline.compare(model, quantized, ["0", "2"]).coverage == pytest.approx(head)
     assert outcomes.coverage(layers.values()) == pytest.approx(head)
+
+
+def test_latency_times_as_many_batches_as_the_budget_allows():
+    model = nn.Linear(4, 4)
+    inputs = [ModelInput.from_example(torch.ones(2, 4)) for _ in range(5)]
+    assert all(latency.batches == 5 for latency in pipeline.interleaved_latency([model, model], inputs, 2))
+    tight = pipeline.interleaved_latency([model, model], inputs, 2, budget_s=1e-9)
+    assert all(latency.batches == 1 for latency in tight)  # at least one, whatever the budget
 
 
 def test_size_causes_are_computed_from_the_two_models():
