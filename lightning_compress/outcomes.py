@@ -220,58 +220,66 @@ def _is_quantized(module: nn.Module) -> bool:
 # ---------------------------------------------------------------------------------------------- size
 def size_causes(float_model: nn.Module, quantized: nn.Module) -> list[str]:
     """Why ``quantized`` serializes to more bytes than ``float_model``: each cause with the bytes it adds,
-    largest first. Measured layer by layer: the bytes of ``torch.save`` of the quantized layer's state less those
-    of the float state it replaced (each under the layer's full name; tied tensors still stored elsewhere are not
-    replaced).
+    largest first. Empty when no quantized layer grew.
 
     Causes: a quantized layer whose weight is tied to a module that stayed float (the float tensor is still
     stored, and the quantized copy comes on top); float16 layers, whose weights ``torch.ao`` serializes as float32
     (read from the layers' unpacked weights); layers too small for the packed format (scale, zero point and
-    packing entries outweigh the bytes saved). Empty when no layer grew.
+    packing entries outweigh the bytes saved: the layer's quantized state serializes larger than its float one).
+    A cause's bytes: ``torch.save`` of its layers' quantized states less that of the float states they replaced
+    (under the layers' full names; tied tensors still stored elsewhere are not replaced), all of a cause's layers
+    in one file, as in the model's file, where what pickle writes once per file (the quantized types' names) is
+    written once.
     """
     float_modules = dict(float_model.named_modules())
     still_float = {n for n, _ in quantized.named_parameters(remove_duplicate=False)}
     owners: dict[int, list[str]] = {}
     for n, p in float_model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(n)
-    causes: list[tuple[int, str]] = []
-    half: list[tuple[int, str]] = []
-    small: list[tuple[int, str]] = []
+    ties: list[str] = []
+    states: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {"tied": ({}, {}), "half": ({}, {}), "small": ({}, {})}
+    layers: dict[str, list[str]] = {"tied": [], "half": [], "small": []}
     for name, dtype in quantized_dtypes(quantized).items():
         layer = float_modules.get(name)
         if layer is None:
             continue
         q_layer = quantized.get_submodule(name)
-        ties = [
+        tied = [
             (n, other)
             for n, p in layer.named_parameters(prefix=name)
             for other in owners[id(p)]
             if other != n and other in still_float
         ]
-        # what quantizing this layer freed: its float state, less the tied tensors, which are still stored
-        kept = {n for n, _ in ties}
-        freed = {k: v for k, v in layer.state_dict(prefix=f"{name}.").items() if k not in kept}
-        added = measure.serialized_state_bytes(q_layer.state_dict(prefix=f"{name}.")) - measure.serialized_state_bytes(
-            freed
-        )
-        if ties:
-            n, other = ties[0]
-            causes.append((added, f"{n} is tied to {other}, which stays float: its {dtype} copy is stored beside it"))
-        elif added > 0 and dtype == "float16" and torch.float16 not in _stored_dtypes(q_layer):
-            half.append((added, name))
-        elif added > 0:
-            small.append((added, name))
-    causes = [(b, f"{cause} (+{_bytes(b)})") for b, cause in causes if b > 0]
-    for sized, cause in (
-        (half, "torch.ao stores float16 weights as float32: {} save nothing and add their packing entries"),
-        (
-            small,
-            "{} too small for the packed format: the scale, zero point and packing entries outweigh the bytes saved",
-        ),
-    ):
-        if sized:
-            added = sum(b for b, _ in sized)
-            causes.append((added, f"{cause.format(_layers(sized))} (+{_bytes(added)})"))
+        # what quantizing this layer replaced: its float state, less the tied tensors, which are still stored
+        kept = {n for n, _ in tied}
+        after = q_layer.state_dict(prefix=f"{name}.")
+        before = {k: v for k, v in layer.state_dict(prefix=f"{name}.").items() if k not in kept}
+        if tied:
+            cause = "tied"
+            ties.append(
+                f"{tied[0][0]} is tied to {tied[0][1]}, which stays float: its {dtype} copy is stored beside it"
+            )
+        elif dtype == "float16" and torch.float16 not in _stored_dtypes(q_layer):
+            cause = "half"
+        elif measure.serialized_state_bytes(after) > measure.serialized_state_bytes(before):
+            cause = "small"
+        else:
+            continue
+        states[cause][0].update(after)
+        states[cause][1].update(before)
+        layers[cause].append(name)
+    wording = {
+        "tied": "; ".join(ties),
+        "half": f"torch.ao stores float16 weights as float32: {_layers(layers['half'])} save nothing and add their "
+        "packing entries",
+        "small": f"{_layers(layers['small'])} too small for the packed format: the scale, zero point and packing "
+        "entries outweigh the bytes saved",
+    }
+    causes = []
+    for cause, (after, before) in states.items():
+        added = measure.serialized_state_bytes(after) - measure.serialized_state_bytes(before)
+        if layers[cause] and added > 0:
+            causes.append((added, f"{wording[cause]} (+{_bytes(added)})"))
     return [cause for _, cause in sorted(causes, key=lambda item: -item[0])]
 
 
@@ -286,8 +294,7 @@ def _stored_dtypes(module: nn.Module) -> set[torch.dtype]:
     return {w.dtype for w in weights}
 
 
-def _layers(sized: list[tuple[int, str]], shown: int = 3) -> str:
-    names = [n for _, n in sorted(sized, key=lambda item: -item[0])]
+def _layers(names: list[str], shown: int = 3) -> str:
     more = f" and {len(names) - shown} more" if len(names) > shown else ""
     return f"{len(names)} layer{'s' if len(names) > 1 else ''} ({', '.join(names[:shown])}{more})"
 
