@@ -81,15 +81,13 @@ def analyse_groups(model: nn.Module, example_input: Any, selected: Iterable[str]
         else:
             left_out.update({name: reason for name in producers if name in selected})
     grouped = {name for g in groups for name in g.slices}
-    for name, module in traced.unreached:
-        for param_name, param in module.named_parameters(recurse=False):
-            if canonical[id(param)] in selected and canonical[id(param)] not in grouped:
-                left_out.setdefault(canonical[id(param)], UNREACHED)
-    for name, module in copy.named_modules():
-        for param_name, param in module.named_parameters(recurse=False):
+    unreached = {id(p) for _, module in traced.unreached for p in module.parameters(recurse=False)}
+    for module in copy.modules():
+        for param in module.parameters(recurse=False):
             key = canonical[id(param)]
             if key in selected and key not in grouped and key not in left_out:
-                left_out[key] = f"{NOT_A_ROOT}: {type(module).__name__}"
+                why = UNREACHED if id(param) in unreached else f"{NOT_A_ROOT}: {type(module).__name__}"
+                left_out[key] = why
     return GroupAnalysis(groups, left_out)
 
 

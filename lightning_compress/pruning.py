@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from lightning_compress import compat, report, sharding
 from lightning_compress import masks as mask_engine
-from lightning_compress.guard import HOLD, RAISE, ROLL_BACK, AccuracyGuard
+from lightning_compress.guard import HOLD, ROLL_BACK, AccuracyGuard, GuardedSchedule
 from lightning_compress.schedules import is_update_index, target_sparsity, validate_schedule
 from lightning_compress.selection import largest_unselected, matrix_numel, parameter_aliases, select_parameters
 
@@ -191,7 +191,7 @@ class MagnitudePruning(Callback):
                 f"method={method!r}, dim={dim!r}"
             )
         guard = AccuracyGuard(0.0 if max_drop is None else max_drop, mode, patience, baseline)  # checks every value
-        self._guard = guard if max_drop is not None else None
+        self._guard = guard if max_drop is not None else None  # a fresh one for each fit (on_train_start)
 
         self.amount = float(amount)
         self.start = int(start)
@@ -232,9 +232,7 @@ class MagnitudePruning(Callback):
         self._monitored: list[tuple[float, float]] = []
         self._monitor_key: str | None = None
         self._unselected: list[tuple[str, int]] = []
-        self._targets: list[float] = []  # with the guard: the schedule's targets in order, consumed one by one
-        self._position = 0
-        self._snapshot: dict[str, Any] | None = None
+        self._guarded: GuardedSchedule | None = None  # with the guard: the schedule's targets, raised one by one
         self._groups: list[Any] = []
 
     @property
@@ -443,11 +441,12 @@ class MagnitudePruning(Callback):
         named = dict(pl_module.named_parameters())
         self._params = [named[name] for name in self._names]
         self._locate_shards(trainer)
-        if self._pending_state is not None:
-            self._restore(self._pending_state)
-            self._pending_state = None
-        else:
-            self._last_index = None  # a new fit, not a resumed one: its schedule starts over (masks only grow)
+        resumed, self._pending_state = self._pending_state, None
+        if resumed is not None:
+            self._restore(resumed)
+        else:  # a new fit, not a resumed one: its schedule starts over (masks only grow)
+            self._last_index = None
+            self._last_target = 0.0
         weights = self._local()
         if self._masks is None:
             self._masks = [mask_engine.new_mask(w) for w in weights]
@@ -457,7 +456,7 @@ class MagnitudePruning(Callback):
         self._resolved_end = self._resolve_end(trainer)
         self._check_schedule_values()
         if self._guard is not None:
-            self._prepare_guard(trainer)
+            self._prepare_guard(trainer, resumed)
         self._remove_hooks()
         for optimizer in trainer.optimizers:
             self._hook_handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
@@ -481,15 +480,22 @@ class MagnitudePruning(Callback):
         ]
         self._collective = sharding.ProcessGroupCollective()
 
-    def _prepare_guard(self, trainer: pl.Trainer) -> None:
-        """The schedule's targets in order; fail now if no baseline can exist before the first pruning update."""
+    def _prepare_guard(self, trainer: pl.Trainer, resumed: dict[str, Any] | None) -> None:
+        """The schedule's targets in order under a guard: fresh for a new fit, the checkpoint's when resuming. Fail
+        now if no baseline can exist before the first pruning update."""
         indices = self._scheduled_indices()
-        self._targets = [
-            target_sparsity(self.schedule, i, self.amount, self.start, self._resolved_end) for i in indices
-        ]
+        targets = [target_sparsity(self.schedule, i, self.amount, self.start, self._resolved_end) for i in indices]
+        self._guard = AccuracyGuard(self.max_drop, self.mode, self.patience, self.baseline)
+        self._guarded = GuardedSchedule(self._guard, targets)
+        self._guarded.target = self._last_target
+        if resumed is not None:
+            state = dict(resumed)
+            if state.get("guard") is None:  # saved without a guard: the targets up to the last update are done
+                state["position"] = sum(1 for i in indices if self._last_index is not None and i <= self._last_index)
+            self._guarded.load_state_dict({**state, "last_target": self._last_target}, self._names)
         if self._guard.baseline is not None:
             return
-        first = next((i for i, t in zip(indices, self._targets) if t > 0), None)
+        first = next((i for i, t in zip(indices, targets) if t > 0), None)
         if not compat.has_val_data(trainer) or first == 0:
             why = (
                 "there is no validation data"
@@ -584,62 +590,39 @@ class MagnitudePruning(Callback):
         if index == self._last_index or not scheduled:
             return
         self._last_index = index
-        done = self._position >= len(self._targets)
-        target = self._last_target if done else self._targets[self._position]
-        decision = self._guard.decide(wants_to_raise=target > self._last_target)
-        if done and decision in (RAISE, HOLD):
-            return  # the schedule is done: only a rollback changes anything now
-        if decision == RAISE:
-            if target > self._last_target:
-                self._take_snapshot()
-            self._update_masks(target)
-            self._last_target = target
-            self._position += 1
-        elif decision == HOLD:
+        retried = self._guarded.next_target
+        decision = self._guarded.update(self._local(), self._masks, self._update_masks)
+        self._last_target = self._guarded.target
+        if decision is None:
+            return
+        if decision == HOLD:
+            guard = self._guard
+            why = (
+                f"{self.monitor}={guard.latest:.4f} is outside the budget (baseline {guard.baseline:.4f}, max_drop "
+                f"{self.max_drop:g})"
+                if guard.baseline is not None
+                else f"no validation has measured the dense model's {self.monitor} yet (the baseline)"
+            )
             rank_zero_info(
-                f"MagnitudePruning [{self.interval} {index}]: {self.monitor}={self._guard.latest:.4f} is outside the "
-                f"budget (baseline {self._guard.baseline:.4f}, max_drop {self.max_drop:g}): holding at "
-                f"{self._last_target:.2%}, retrying {target:.2%} at the next update"
+                f"MagnitudePruning [{self.interval} {index}]: {why}: holding at {self._last_target:.2%}, retrying "
+                f"{retried:.2%} at the next update"
             )
         elif decision == ROLL_BACK:
-            self._roll_back()
-        else:  # held with nothing to raise, or stopped after a rollback
-            return
+            self._warn_rolled_back()
         self._report(trainer, f"{self.interval} {index}", index)
 
-    def _roll_back(self) -> None:
-        self._restore_snapshot()
+    def _warn_rolled_back(self) -> None:
+        guard = self._guard
+        restored = (
+            f"rolled back to the weights and masks of the last update within budget ({self._last_target:.2%} sparsity)"
+            if self._guarded.snapshot is not None
+            else "no update had raised the sparsity in this fit, so the weights stay as they are"
+        )
         rank_zero_warn(
             f"MagnitudePruning: {self.monitor} stayed outside the budget for {self.patience} validation(s) "
-            f"(last {self._guard.latest:.4f}, baseline {self._guard.baseline:.4f}, max_drop {self.max_drop:g}): "
-            f"rolled back to the weights and masks of the last update within budget ({self._last_target:.2%} "
-            "sparsity), and sparsity is raised no more in this fit."
+            f"(last {guard.latest:.4f}, baseline {guard.baseline:.4f}, max_drop {self.max_drop:g}): {restored}, and "
+            "sparsity is raised no more in this fit."
         )
-
-    def _take_snapshot(self) -> None:
-        """Weights and masks as they are now, validated within budget: on the CPU, the kept values only once more
-        than half is pruned (dense below that, where a sparse copy would cost more)."""
-        keep = [(m != 0).cpu() for m in self._masks]
-        pruned = sum(int((~k).sum()) for k in keep) / sum(k.numel() for k in keep)
-        sparse = pruned > 0.5
-        values = [
-            w.detach()[k.to(w.device)].cpu() if sparse else w.detach().cpu().clone()
-            for w, k in zip(self._local(), keep)
-        ]
-        self._snapshot = {"keep": keep, "values": values, "sparse": sparse, "target": self._last_target}
-
-    def _restore_snapshot(self) -> None:
-        snapshot = self._snapshot
-        with torch.no_grad():
-            for i, (w, keep, values) in enumerate(zip(self._local(), snapshot["keep"], snapshot["values"])):
-                if snapshot["sparse"]:
-                    w.zero_()
-                    w[keep.to(w.device)] = values.to(device=w.device, dtype=w.dtype)
-                else:
-                    w.copy_(values)
-                self._masks[i] = mask_engine.mask_from_bool(keep, w)
-        mask_engine.apply_masks(self._local(), self._masks)
-        self._last_target = snapshot["target"]
 
     def _describe_selection(self) -> None:
         n = sum(p.total for p in self._parts)
@@ -739,8 +722,9 @@ class MagnitudePruning(Callback):
         self._remove_hooks()
         if self._masks is None:
             return
-        if self._guard is not None and self._guard.decide(wants_to_raise=False) == ROLL_BACK:
-            self._roll_back()  # the last validation broke the budget: end within it
+        if self._guarded is not None and self._guarded.end(self._local(), self._masks):
+            self._last_target = self._guarded.target  # the last validation broke the budget: end within it
+            self._warn_rolled_back()
         mask_engine.apply_masks(self._local(), self._masks)  # after SWA/EMA wrote their averages (see setup)
         sharding.reshard(self._fsdp_modules)
         self._report(trainer, "end of training", None)
@@ -807,18 +791,12 @@ class MagnitudePruning(Callback):
             "generator": self._generator.get_state() if self._generator is not None else None,
             "masks": None,
             "settings": self._settings(),
-            "guard": self._guard.state_dict() if self._guard is not None else None,
-            "position": self._position,
+            "guard": None,
+            "position": 0,
             "snapshot": None,
         }
-        if self._snapshot is not None:
-            snapshot = self._snapshot
-            state["snapshot"] = {
-                "keep": dict(zip(self._names, snapshot["keep"])),
-                "values": dict(zip(self._names, snapshot["values"])),
-                "sparse": snapshot["sparse"],
-                "target": snapshot["target"],
-            }
+        if self._guarded is not None:
+            state.update(self._guarded.state_dict(self._names), last_target=self._last_target)
         if self._masks is not None:
             state["masks"] = self._masks_for_checkpoint()
         return state
@@ -858,17 +836,7 @@ class MagnitudePruning(Callback):
             )
         self._last_index = state["last_index"]
         self._last_target = state["last_target"]
-        self._position = state.get("position", 0)
-        if self._guard is not None and state.get("guard") is not None:
-            self._guard.load_state_dict(state["guard"])
-        saved_snapshot = state.get("snapshot")
-        if saved_snapshot is not None:
-            self._snapshot = {
-                "keep": [saved_snapshot["keep"][n] for n in self._names],
-                "values": [saved_snapshot["values"][n] for n in self._names],
-                "sparse": saved_snapshot["sparse"],
-                "target": saved_snapshot["target"],
-            }
+        # the guard's state (its position in the schedule, its snapshot) is restored by _prepare_guard
         if state["generator"] is not None:
             self._generator = torch.Generator()
             self._generator.set_state(state["generator"])
