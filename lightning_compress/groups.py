@@ -139,3 +139,21 @@ def _judge(
     if reason is None and left:
         reason = f"{UNSELECTED}: {', '.join(repr(n) for n in left[:3])}"
     return slices, producers, reason
+
+
+def describe_left_out(left_out: dict[str, str], limit: int = 4) -> list[str]:
+    """One line per reason, naming at most ``limit`` weights each (and how many more): a few lines, whatever the
+    model's size."""
+    by_reason: dict[str, tuple[list[str], list[str]]] = {}
+    for name, why in left_out.items():
+        reason, _, detail = why.partition(": ")
+        names, details = by_reason.setdefault(reason, ([], []))
+        names.append(name)
+        if detail and detail not in details:
+            details.append(detail)
+    lines = []
+    for reason, (names, details) in by_reason.items():
+        via = f" ({', '.join(details[:limit])}{', ...' if len(details) > limit else ''})" if details else ""
+        more = f" and {len(names) - limit} more" if len(names) > limit else ""
+        lines.append(f"{reason}{via}: {', '.join(names[:limit])}{more}")
+    return lines

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_compress import compat, report, sharding
+from lightning_compress import compat, layouts, report, sharding
 from lightning_compress import masks as mask_engine
 from lightning_compress.guard import HOLD, ROLL_BACK, AccuracyGuard, GuardedSchedule
 from lightning_compress.schedules import is_update_index, target_sparsity, validate_schedule
@@ -24,6 +24,8 @@ METHODS = ("l1_unstructured", "random_unstructured", "ln_structured")
 SCOPES = ("global", "layerwise")
 INTERVALS = ("epoch", "step")
 _STATE_VERSION = 2
+# Under scope="global", a tensor pruned beyond this fraction (and beyond the overall target) is named in a warning.
+COLLAPSED = 0.98
 # What a checkpoint remembers of the settings, to say what changed when a run resumes with others.
 _SETTINGS = (
     "amount",
@@ -231,9 +233,14 @@ class MagnitudePruning(Callback):
         self._history: list[dict[str, float]] = []
         self._monitored: list[tuple[float, float]] = []
         self._monitor_key: str | None = None
+        self._dense_value: float | None = None  # the monitored metric's last value before anything was pruned
+        self._pruned_any = False
+        self._collapsed: set[str] = set()  # tensors named in a collapse warning in this fit
+        self._last_epoch: int | None = None
         self._unselected: list[tuple[str, int]] = []
         self._guarded: GuardedSchedule | None = None  # with the guard: the schedule's targets, raised one by one
         self._groups: list[Any] = []
+        self._dims: list[int] = []  # for ln_structured: the stored dim of each selected weight that `dim` means
 
     @property
     def state_key(self) -> str:
@@ -406,6 +413,7 @@ class MagnitudePruning(Callback):
         names = list(selected)
         if self.structure == "groups":
             names = self._with_group_members(pl_module, selected)
+            selected = {name: p for name, p in selected.items() if name in set(names)}  # what the target covers
         if self._names and self._names != names:
             self._masks = None  # another model or selection: old masks do not apply
         self._names = names
@@ -414,10 +422,18 @@ class MagnitudePruning(Callback):
         matrices = matrix_numel(pl_module)
         self._coverage = sum(p.numel() for p in selected.values()) / matrices if matrices else float("nan")
         self._unselected = largest_unselected(pl_module, self._names)
+        # ln_structured's `dim` is in the output-first layout; weights stored input-first map it (layouts.py)
+        out_dims = layouts.output_dims(pl_module, self._names)
+        named = dict(pl_module.named_parameters())
+        self._dims = [
+            layouts.storage_dim(self.dim, named[n].dim(), out_dims[n]) if named[n].dim() >= 2 else 0
+            for n in self._names
+        ]
 
     def _with_group_members(self, pl_module: pl.LightningModule, selected: dict[str, Tensor]) -> list[str]:
-        """Find the coupled channel groups of the selected layers; every parameter in them gets a mask."""
-        from lightning_compress.groups import channel_groups
+        """Find the coupled channel groups of the selected layers; every parameter in them gets a mask. Selected
+        weights in no group that can be pruned are named with the reason, and left out of the target and coverage."""
+        from lightning_compress.groups import OUTPUT, analyse_groups, describe_left_out
 
         example = pl_module.example_input_array
         if example is None:
@@ -425,14 +441,26 @@ class MagnitudePruning(Callback):
                 "MagnitudePruning(structure='groups') traces the model to find coupled channels, and needs an input: "
                 "set `example_input_array` on the LightningModule (a tensor, a tuple, or a dict of keyword inputs)."
             )
-        self._groups = channel_groups(pl_module, example, set(selected))
+        analysis = analyse_groups(pl_module, example, selected)
+        self._groups = analysis.groups
+        members = {name for g in self._groups for name in g.slices}
+        left_out = {name: analysis.left_out[name] for name in selected if name in analysis.left_out}  # model order
+        reasons = "\n".join(f"  - {line}" for line in describe_left_out(left_out))
         if not self._groups:
             raise ValueError(
-                f"MagnitudePruning(structure='groups') found no group of coupled channels that can be removed among "
-                f"{list(selected)}: their channels reach the model's output or run through a layer that mixes "
-                "channels (LayerNorm, attention)."
+                "MagnitudePruning(structure='groups') found no group of coupled channels that can be removed among "
+                f"the {len(selected)} selected weights:\n{reasons}\nUse structure='tensor' to prune each weight's "
+                "slices on its own, or select the layers whose channels can be removed (`parameters=`, `exclude=`)."
             )
-        members = set(selected) | {name for g in self._groups for name in g.slices}
+        if left_out:
+            message = (
+                f"MagnitudePruning(structure='groups') leaves {len(left_out)} selected weight(s) dense, out of the "
+                f"target and of pruning/coverage, because their channels cannot be removed together:\n{reasons}"
+            )
+            if all(why.startswith(OUTPUT) for why in left_out.values()):
+                rank_zero_info(message)  # an output layer: expected, and not worth a warning
+            else:
+                rank_zero_warn(message)
         return [name for name, _ in pl_module.named_parameters() if name in members]
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -447,12 +475,15 @@ class MagnitudePruning(Callback):
         else:  # a new fit, not a resumed one: its schedule starts over (masks only grow)
             self._last_index = None
             self._last_target = 0.0
+            self._history, self._monitored, self._dense_value = [], [], None
+        self._collapsed = set()
         weights = self._local()
         if self._masks is None:
             self._masks = [mask_engine.new_mask(w) for w in weights]
         else:
             self._masks = [m.to(w.device) for m, w in zip(self._masks, weights)]
         mask_engine.apply_masks(weights, self._masks)
+        self._pruned_any = self.measured_sparsity()[report.SPARSITY] > 0
         self._resolved_end = self._resolve_end(trainer)
         self._check_schedule_values()
         if self._guard is not None:
@@ -645,7 +676,7 @@ class MagnitudePruning(Callback):
             )
         elif self.method == "ln_structured":
             mask_engine.update_structured(
-                weights, self._masks, target, self.norm, self.dim, self._sharded_parts(), self._collective
+                weights, self._masks, target, self.norm, self._dims, self._sharded_parts(), self._collective
             )
         else:
             if self.method == "l1_unstructured":
@@ -675,6 +706,9 @@ class MagnitudePruning(Callback):
         if index is not None and not self._history:
             self._describe_selection()  # once, at the first update of the callback's life
         metrics = self.measured_sparsity()
+        self._pruned_any = metrics[report.SPARSITY] > 0
+        if index is not None:
+            self._warn_collapsed(metrics)
         metrics[report.TARGET] = self._last_target
         metrics[report.COVERAGE] = self._coverage
         if self._guard is not None:
@@ -683,7 +717,8 @@ class MagnitudePruning(Callback):
         report.log_to_loggers(trainer, metrics)
         self._history.append(
             {
-                "epoch": trainer.current_epoch,
+                # at the end of training, Lightning's epoch counter is one past the last epoch trained
+                "epoch": trainer.current_epoch if index is not None else self._last_trained_epoch(trainer),
                 "step": trainer.global_step,
                 "index": index if index is not None else float("nan"),
                 "target": self._last_target,
@@ -694,6 +729,33 @@ class MagnitudePruning(Callback):
         rank_zero_info(
             f"MagnitudePruning [{when}]: target sparsity {self._last_target:.2%}, measured "
             f"{metrics[report.SPARSITY]:.2%} of {n:,} weights in {len(self._params)} tensors"
+        )
+
+    def _last_trained_epoch(self, trainer: pl.Trainer) -> int:
+        seen = [h["epoch"] for h in self._history] + [epoch for epoch, _ in self._monitored]
+        return max([trainer.current_epoch - 1, *seen, 0])
+
+    def _warn_collapsed(self, metrics: dict[str, float]) -> None:
+        """Under one global threshold, a tensor of small weights can lose almost all of them: name each such tensor
+        once per fit, with the fix."""
+        if self.scope != "global":
+            return
+        limit = max(COLLAPSED, self._last_target)
+        found = [
+            (name, metrics[report.SPARSITY_PREFIX + name])
+            for name in self._names
+            if metrics[report.SPARSITY_PREFIX + name] > limit and name not in self._collapsed
+        ]
+        if not found:
+            return
+        self._collapsed.update(name for name, _ in found)
+        shown = ", ".join(f"{name} ({fraction:.1%})" for name, fraction in found[:5])
+        more = f" and {len(found) - 5} more" if len(found) > 5 else ""
+        rank_zero_warn(
+            f"MagnitudePruning(scope='global') pruned {shown}{more} beyond {COLLAPSED:.0%}, while the target over "
+            f"all selected weights is {self._last_target:.1%}: one threshold over all of them takes nearly every "
+            "weight of a tensor whose weights are small (a layer initialized at a smaller scale, say), which can cut "
+            "the layer off. Use scope='layerwise' (the target in each tensor), or exclude=[...] those tensors."
         )
 
     # ------------------------------------------------------------------ validation: what the plot shows
@@ -714,6 +776,8 @@ class MagnitudePruning(Callback):
         value = float(trainer.strategy.broadcast(float(value), src=0))
         self._monitor_key = key
         self._monitored.append((trainer.current_epoch, value))
+        if not self._pruned_any:
+            self._dense_value = value
         if self._guard is not None:
             self._guard.observe(value)
 
@@ -731,10 +795,33 @@ class MagnitudePruning(Callback):
         for line in self.summary_lines():
             rank_zero_info(f"MagnitudePruning: {line}")
         self._warn_if_schedule_unfinished(trainer)
-        report.write_schedule_plot(trainer, self._history, self._monitored, self._monitor_key)
+        self._last_epoch = self._history[-1]["epoch"]
+        self._write_plot(trainer)
         if self.make_permanent:
             self._masks = None
             self._last_index = None
+
+    def _write_plot(self, trainer: pl.Trainer, quantized: float | None = None) -> None:
+        guarded = self._guard is not None and self._guard.baseline is not None
+        report.write_schedule_plot(
+            trainer,
+            self._history,
+            self._monitored,
+            self._monitor_key,
+            baseline=self._guard.baseline if guarded else self._dense_value,
+            max_drop=self.max_drop if guarded else None,
+            mode=self.mode,
+            quantized=quantized,
+            last_epoch=self._last_epoch,
+        )
+
+    def redraw_plot(self, trainer: pl.Trainer, quantized: Mapping[str, float]) -> None:
+        """Draw ``sparsity.png`` again with the monitored metric measured on the quantized model (the
+        :class:`lightning_compress.protocols.QuantizedMetricsPlot` contract: ``DynamicQuantization`` calls it at the
+        end of its fit-end work with its ``quantization/<metric>_after`` values, keyed by ``<metric>``)."""
+        if not self._history:
+            return
+        self._write_plot(trainer, quantized.get(self._monitor_key) if self._monitor_key else None)
 
     def summary_lines(self) -> list[str]:
         """Lines for end-of-fit summaries (``DynamicQuantization``'s table includes them): the accuracy guard's
