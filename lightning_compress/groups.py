@@ -24,11 +24,20 @@ from torch import nn
 
 from lightning_compress import compat, layouts
 from lightning_compress.inputs import ModelInput
-from lightning_compress.shrinking import _LAYERS, _PER_CHANNEL, Trace, indices_fit, mixing_operation, trace
+from lightning_compress.shrinking import (
+    _LAYERS,
+    _PER_CHANNEL,
+    Trace,
+    indices_fit,
+    mixes_channels,
+    mixing_operation,
+    trace,
+)
 
 #: Why a selected weight's channels cannot be pruned as a group: each value of :attr:`GroupAnalysis.left_out`
 #: starts with one of these, followed by ``": <detail>"`` where a detail helps (the layer that mixes channels).
 MIXED = "its channels run through a layer that mixes channels"
+UNFOLLOWED = "its channels run through a layer groups do not follow"
 UNMAPPED = "its channels are split or reshaped in a way the dependency graph cannot map back (attention heads)"
 OUTPUT = "its channels are the model's output"
 UNSELECTED = "its channels are coupled with a layer the selection leaves out"
@@ -113,7 +122,8 @@ def _judge(
             continue  # an operation (add, reshape, activation)
         out = traced.graph.is_out_channel_pruning_fn(item.dep.handler)
         if not isinstance(module, _LAYERS + _PER_CHANNEL):
-            reason = reason or f"{MIXED}: {type(module).__name__} {names.get(module, '')!r}"
+            why = MIXED if mixes_channels(module) else UNFOLLOWED
+            reason = reason or f"{why}: {type(module).__name__} {names.get(module, '')!r}"
             continue
         if not out:
             consumed = consumed or isinstance(module, _LAYERS)

@@ -39,6 +39,8 @@ from lightning_compress.inputs import ModelInput, outputs_match, plain_outputs
 
 SHRINK_HINT = "Shrinking needs Torch-Pruning: pip install 'lightning_compress[shrink]'"
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Normalizations across channels and attention (InstanceNorm normalizes each channel on its own: it does not mix).
+_MIXING = (nn.GroupNorm, nn.LayerNorm, nn.RMSNorm, nn.LocalResponseNorm, nn.MultiheadAttention)
 _ATTENTION_OPS = re.compile(r"ScaledDotProduct|Attention|^Bmm|^Baddbmm", re.IGNORECASE)
 _PER_CHANNEL = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -170,6 +172,12 @@ def trace(model: nn.Module, example: ModelInput, purpose: str = "Shrinking") -> 
     return Trace(graph, unreached, outputs[-1])
 
 
+def mixes_channels(module: nn.Module) -> bool:
+    """Whether ``module`` combines the channels it is given (a normalization across channels, attention), as opposed
+    to a layer this code merely does not follow (a transposed convolution, an embedding, a custom layer)."""
+    return isinstance(module, _MIXING)
+
+
 def mixing_operation(group: Any) -> str | None:
     """The name of an operation in ``group`` that mixes its channels although Torch-Pruning models it as element-wise:
     attention (``scaled_dot_product_attention``, or the batched matmuls of an eager one), whose heads tie channels
@@ -243,7 +251,8 @@ def _shrink_group(
         if isinstance(module, _LAYERS):
             (producers if out else consumers).append(item)
         elif not isinstance(module, _PER_CHANNEL):
-            reason = f"{type(module).__name__} {names.get(module, '')!r} mixes these channels"
+            layer = f"{type(module).__name__} {names.get(module, '')!r}"
+            reason = f"{layer} mixes these channels" if mixes_channels(module) else f"shrink does not follow {layer}"
             return _left_dense(name, reason, _zero_channels(producers) if producers else None)
     attention = mixing_operation(group)
     if attention is not None or not indices_fit(graph, group):
