@@ -75,11 +75,16 @@ class MagnitudePruning(Callback):
         scope: ``"global"`` (one threshold over all selected weights) or ``"layerwise"`` (the target for each
             tensor separately). ``None``: global for unstructured methods, layerwise for ``ln_structured``.
         norm: the ``n`` of the Ln norm, for ``ln_structured``.
-        dim: the dimension whose slices ``ln_structured`` prunes (0: output channels / rows).
+        dim: the dimension whose slices ``ln_structured`` prunes, in the output-first layout ``(out, in, *kernel)``
+            whatever the storage: 0 is output channels (a Linear's rows, a Conv's filters, the columns of
+            ``transformers``' ``Conv1D`` weight stored ``(in, out)``, dim 1 of a ConvTranspose weight stored
+            ``(in, out / groups, *kernel)``), 1 is input channels, higher dims as stored. Other parameters (an
+            embedding selected by name, say) use their stored dims. See :mod:`lightning_compress.layouts`.
         parameters: ``None`` for the weight matrices of dense layers (see
             :func:`lightning_compress.selection.default_parameter_names`: Linear, Conv*, ConvTranspose*, the RNN
-            family, MultiheadAttention, and weights tied to them); or glob patterns over parameter names, e.g.
-            ``["net.*.weight"]`` (a shared parameter matches by any of its names).
+            family, MultiheadAttention, ``transformers``' ``Conv1D`` (GPT-2), and weights tied to them); or glob
+            patterns over parameter names, e.g. ``["net.*.weight"]`` (a shared parameter matches by any of its
+            names).
         exclude: glob patterns removed from the selection (e.g. ``["head.*"]``).
         modules: layer types whose weights are selected, e.g. ``[torch.nn.Conv2d]``; combined with ``parameters``
             when both are given.
@@ -98,16 +103,26 @@ class MagnitudePruning(Callback):
             ``"groups"`` scores and prunes coupled channels together (a layer's filters with its BatchNorm, the
             convolutions joined by a residual add, ...: see :mod:`lightning_compress.groups`), in every member, so
             that :func:`lightning_compress.shrink` can remove them. Needs ``example_input_array`` on the module and
-            ``pip install 'lightning_compress[shrink]'``.
+            ``pip install 'lightning_compress[shrink]'``. A selected weight whose channels no group can remove
+            (normalized across channels by a GroupNorm or LayerNorm, split into attention heads, the model's output,
+            coupled with an unselected layer, or not reached by the example input) is named at setup with the
+            reason, stays dense, and is left out of the target and of ``pruning/coverage``; when no selected weight
+            is in such a group, setup raises ``ValueError``.
 
     With ``max_drop``, an update that would raise the sparsity while the latest ``monitor`` value is outside the
-    budget is held (retried at the next scheduled epoch or step); after ``patience`` such validations the weights
-    and masks of the last update made within budget are restored and sparsity is raised no more (see
+    budget is held (retried at the next scheduled epoch or step), and so is one that comes before any validation
+    has measured the dense baseline; after ``patience`` such validations the weights and masks of the last update
+    made within budget are restored (before any raise, the weights stay as they are) and sparsity is raised no more
+    in that fit. Each ``fit`` starts a new guard and schedule; a resumed one continues the checkpoint's (see
     :mod:`lightning_compress.guard`).
 
     Logged at each update and at the end of training, to every logger of the trainer: ``pruning/sparsity``
     (measured fraction of exact zeros over the selected weights), ``pruning/target``, ``pruning/coverage``
     (selected weights / entries of all parameters with 2+ dimensions) and ``pruning/sparsity/<parameter name>``.
+    Under ``scope="global"``, a tensor pruned beyond 98 % (and beyond the target) is named in a warning, once per
+    tensor and fit. At the end of training ``sparsity.png`` (in the first logger's directory, and in TensorBoard)
+    draws target and measured sparsity, the monitored metric with its dense baseline and, with ``max_drop``, the
+    budget; ``DynamicQuantization`` redraws it with the metric after quantization (:meth:`redraw_plot`).
 
     Strategies: single device, DDP (every rank computes the same masks), and ``ModelParallelStrategy`` with FSDP2's
     ``fully_shard``. There each process keeps the masks of its own shards, and thresholds, counts and logged
