@@ -257,11 +257,12 @@ def test_a_rollback_before_any_raise_leaves_the_weights_as_they_were(quiet_train
     # before anything was pruned. It used to crash in the snapshot restore (TypeError: 'NoneType' ...).
     def run(callbacks):
         pl.seed_everything(0, verbose=False)
-        model = ScriptedScore([1.0, 0.9, 0.9, 0.9])
+        model = ScriptedScore([1.0, 0.9, 0.9])
         weights = Weights()
-        pl.Trainer(max_epochs=4, callbacks=[*callbacks, weights], **quiet_trainer_kwargs).fit(
-            model, datamodule=DigitsDataModule()
+        trainer = pl.Trainer(
+            max_epochs=3, limit_train_batches=4, callbacks=[*callbacks, weights], **quiet_trainer_kwargs
         )
+        trainer.fit(model, datamodule=DigitsDataModule())
         return weights.final
 
     pruning = MagnitudePruning(amount=0.5, schedule="linear", start=1, monitor="val_score", max_drop=0.05)
@@ -296,13 +297,12 @@ def test_a_second_fit_starts_a_new_guard_and_never_restores_the_first_fits_weigh
     pruning = MagnitudePruning(amount=0.5, schedule="linear", start=1, end=2, monitor="val_score", max_drop=0.05)
     first = ScriptedScore([1.0, 1.0, 1.0])
     pl.seed_everything(0, verbose=False)
-    pl.Trainer(max_epochs=3, callbacks=[pruning], **quiet_trainer_kwargs).fit(first, datamodule=DigitsDataModule())
+    kwargs = {**quiet_trainer_kwargs, "limit_train_batches": 4}
+    pl.Trainer(max_epochs=3, callbacks=[pruning], **kwargs).fit(first, datamodule=DigitsDataModule())
     assert pruning.guard.baseline == 1.0 and not pruning.guard.rolled_back
     second, weights = ScriptedScore([0.6, 0.5, 0.5]), Weights()  # another model, another baseline
     with pytest.warns(UserWarning, match="no update had raised the sparsity in this fit"):
-        pl.Trainer(max_epochs=3, callbacks=[pruning, weights], **quiet_trainer_kwargs).fit(
-            second, datamodule=DigitsDataModule()
-        )
+        pl.Trainer(max_epochs=3, callbacks=[pruning, weights], **kwargs).fit(second, datamodule=DigitsDataModule())
     assert pruning.guard.baseline == pytest.approx(0.6) and pruning.guard.rolled_back
     assert all(torch.equal(weights.final[n], p) for n, p in second.named_parameters())
     assert not any(bool((p == 0).all()) for p in second.parameters())  # not the first fit's pruned weights

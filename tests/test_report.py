@@ -126,7 +126,8 @@ def test_the_pruning_plot_of_a_run_shows_what_that_run_measured_and_quantization
     quantization = DynamicQuantization()
     logger = CSVLogger(tmp_path, name="plot")
     pl.seed_everything(0, verbose=False)
-    trainer = pl.Trainer(max_epochs=3, callbacks=[pruning, quantization], **{**quiet_trainer_kwargs, "logger": logger})
+    kwargs = {**quiet_trainer_kwargs, "logger": logger, "limit_train_batches": 4}
+    trainer = pl.Trainer(max_epochs=3, callbacks=[pruning, quantization], **kwargs)
     trainer.fit(DigitsMLP(hidden=16), datamodule=DigitsDataModule())
 
     assert len(drawn) == 2 and (tmp_path / "plot" / "version_0" / "sparsity.png").stat().st_size > 10_000
