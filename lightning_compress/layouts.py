@@ -51,9 +51,8 @@ def output_dim(module: nn.Module, param_name: str) -> int:
 def output_dims(model: nn.Module, names: list[str]) -> dict[str, int]:
     """:func:`output_dim` of each named parameter (canonical names, as ``model.named_parameters()`` gives them).
 
-    A parameter shared by several layers (an embedding tied to an output head) takes the layout of the first layer
-    holding it that stores it transposed only if every layer holding it does; an embedding tied to a Linear head
-    is output-first, as the head sees it.
+    A parameter shared by several layers counts as input-first only if every layer holding it stores it so: an
+    embedding tied to a Linear head (GPT-2's ``wte`` and ``lm_head``) is output-first, as the head sees it.
     """
     canonical = {id(p): n for n, p in model.named_parameters()}
     wanted = set(names)
