@@ -10,14 +10,27 @@ Rules, for ``mode="max"`` (``"min"`` mirrors them):
   index); after ``patience`` consecutive validations outside the budget, roll back to the last state seen within
   it and raise no more for the rest of training;
 * validations keep being judged once pruning has started, also at scheduled indices after the schedule is done
-  and at the end of training, so that the last raise can be rolled back too.
+  and at the end of training, so that the last raise can be rolled back too;
+* an update that would raise the sparsity before any validation has set the baseline is held until one has;
+* a rollback before any raise (the dense model already outside the budget) leaves the weights as they are.
+
+:class:`GuardedSchedule` applies these decisions to weights and masks: it consumes the schedule's targets in
+order and keeps the :class:`Snapshot` of the last state within budget. Every sequence of validations, updates,
+checkpoint round trips and ends of training leaves it in a defined state (``tests/test_guard_states.py`` drives
+it with generated sequences against an independent model).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from lightning_compress import masks as mask_engine
 
 RAISE, HOLD, ROLL_BACK, STOP = "raise", "hold", "roll back", "stop"
 Decision = Literal["raise", "hold", "roll back", "stop"]
@@ -79,11 +92,10 @@ class AccuracyGuard:
         if not wants_to_raise and not self.pruning_started:
             return RAISE  # nothing pruned yet: nothing to judge
         if self.baseline is None:
-            raise ValueError(
-                "MagnitudePruning(max_drop=...) needs a dense baseline before it prunes anything, but no validation "
-                "has run yet. Let validation run before the first pruning update (`start >= 1`, or a schedule whose "
-                "first target is 0), or pass `baseline=`."
-            )
+            if not wants_to_raise:
+                return RAISE
+            self.held += 1  # no validation of the dense model yet: wait for one before pruning anything
+            return HOLD
         self.pruning_started = True
         if self.latest is None or self.within_budget(self.latest):
             self.streak = 0
@@ -116,3 +128,128 @@ class AccuracyGuard:
             f"accuracy guard on {monitor} ({self.mode}): baseline {baseline}, budget {sign}{self.max_drop:g}, last "
             f"validation {latest}; {self.held} update(s) held, {outcome}"
         )
+
+
+@dataclasses.dataclass
+class Snapshot:
+    """The weights and masks of a state validated within budget, on the CPU: the kept values only once more than
+    half is pruned (a sparse copy costs more than a dense one below that). ``target``: that state's target sparsity.
+    """
+
+    keep: list[Tensor]
+    values: list[Tensor]
+    sparse: bool
+    target: float
+
+    @classmethod
+    def take(cls, weights: Sequence[Tensor], masks: Sequence[Tensor], target: float) -> Snapshot:
+        keep = [(m != 0).cpu() for m in masks]
+        total = sum(k.numel() for k in keep)
+        sparse = total > 0 and sum(int((~k).sum()) for k in keep) / total > 0.5
+        values = [
+            w.detach()[k.to(w.device)].cpu() if sparse else w.detach().cpu().clone() for w, k in zip(weights, keep)
+        ]
+        return cls(keep, values, sparse, float(target))
+
+    @torch.no_grad()
+    def restore(self, weights: Sequence[Tensor], masks: list[Tensor]) -> None:
+        """Write the snapshot back into ``weights`` (in place) and replace the items of ``masks``."""
+        for i, (w, keep, values) in enumerate(zip(weights, self.keep, self.values)):
+            if self.sparse:
+                w.zero_()
+                w[keep.to(w.device)] = values.to(device=w.device, dtype=w.dtype)
+            else:
+                w.copy_(values)
+            masks[i] = mask_engine.mask_from_bool(keep, w)
+        mask_engine.apply_masks(weights, masks)
+
+    def state_dict(self, names: Sequence[str]) -> dict[str, Any]:
+        return {
+            "keep": dict(zip(names, self.keep)),
+            "values": dict(zip(names, self.values)),
+            "sparse": self.sparse,
+            "target": self.target,
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any], names: Sequence[str]) -> Snapshot:
+        missing = [n for n in names if n not in state["keep"]]
+        if missing:
+            raise ValueError(f"The checkpoint's accuracy-guard snapshot has no weights for {missing}")
+        return cls(
+            [state["keep"][n] for n in names], [state["values"][n] for n in names], state["sparse"], state["target"]
+        )
+
+
+class GuardedSchedule:
+    """The schedule's targets, raised one at a time in order while an :class:`AccuracyGuard` allows, with the
+    :class:`Snapshot` of the last state within budget to roll back to.
+
+    Args:
+        guard: the guard, fed every validation's value by the caller (:meth:`AccuracyGuard.observe`).
+        targets: the target sparsity at each scheduled update, in order.
+
+    ``target`` is the target the masks were last grown to (or restored to by a rollback); ``position`` how many
+    targets were raised; ``snapshot`` the state before the last raise, ``None`` before any raise of this fit.
+    """
+
+    def __init__(self, guard: AccuracyGuard, targets: Sequence[float]) -> None:
+        self.guard = guard
+        self.targets = [float(t) for t in targets]
+        self.position = 0
+        self.target = 0.0
+        self.snapshot: Snapshot | None = None
+
+    @property
+    def next_target(self) -> float:
+        """The target the next update tries: the next one of the schedule, or the current once it is done."""
+        return self.targets[self.position] if self.position < len(self.targets) else self.target
+
+    def update(self, weights: Sequence[Tensor], masks: list[Tensor], grow: Callable[[float], None]) -> Decision | None:
+        """At a scheduled update: ask the guard, then raise (``grow(target)`` grows and applies the masks), hold, or
+        roll back. Returns the decision, or ``None`` when nothing changed and nothing needs saying (the schedule is
+        done and within budget, or rolled back already)."""
+        done = self.position >= len(self.targets)
+        target = self.next_target
+        decision = self.guard.decide(wants_to_raise=target > self.target)
+        if decision == STOP or (done and decision in (RAISE, HOLD)):
+            return None
+        if decision == RAISE:
+            if target > self.target:
+                self.snapshot = Snapshot.take(weights, masks, self.target)
+            grow(target)
+            self.target = max(self.target, target)  # masks never regrow
+            self.position += 1
+        elif decision == ROLL_BACK:
+            self.roll_back(weights, masks)
+        return decision
+
+    def end(self, weights: Sequence[Tensor], masks: list[Tensor]) -> bool:
+        """At the end of training: roll back if the last validation broke the budget. Returns whether it did."""
+        if self.guard.decide(wants_to_raise=False) != ROLL_BACK:
+            return False
+        self.roll_back(weights, masks)
+        return True
+
+    def roll_back(self, weights: Sequence[Tensor], masks: list[Tensor]) -> None:
+        """Restore the snapshot; before any raise of this fit there is none, and the weights stay as they are."""
+        if self.snapshot is not None:
+            self.snapshot.restore(weights, masks)
+            self.target = self.snapshot.target
+
+    def state_dict(self, names: Sequence[str]) -> dict[str, Any]:
+        return {
+            "guard": self.guard.state_dict(),
+            "position": self.position,
+            "last_target": self.target,
+            "snapshot": self.snapshot.state_dict(names) if self.snapshot is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], names: Sequence[str]) -> None:
+        """Restore what :meth:`state_dict` saved (each key optional: a checkpoint saved without a guard has none)."""
+        if state.get("guard") is not None:
+            self.guard.load_state_dict(state["guard"])
+        self.position = int(state.get("position") or 0)
+        self.target = float(state.get("last_target") or 0.0)
+        snapshot = state.get("snapshot")
+        self.snapshot = Snapshot.from_state_dict(snapshot, names) if snapshot is not None else None

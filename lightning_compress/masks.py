@@ -316,19 +316,22 @@ def update_structured(
     masks: Sequence[Tensor],
     sparsity: float,
     norm: float,
-    dim: int,
+    dim: int | Sequence[int],
     parts: Sequence[Part] | None = None,
     collective: Collective = LOCAL,
 ) -> None:
     """Grow each mask to ``round(sparsity * slices)`` fully pruned slices along ``dim``, by smallest Ln norm.
 
+    ``dim`` is a stored dimension, one for all tensors or one per tensor (the callback maps "output channels" to
+    each weight's layout: see :mod:`lightning_compress.layouts`).
     Slices already pruned count first (their norm is 0); matches ``torch.nn.utils.prune.ln_structured``.
     With ``parts``, the local tensors are row blocks (dim 0) of the full ones: slices along dim 0 are whole on
     one process and pruned as the parts of one vector of norms; a slice along another dim spans processes, and
     its norm is the ``norm``-th root of the sum of the processes' partial sums of ``|w|^norm`` (the max for inf).
     """
-    for w, m, part in zip(weights, masks, parts if parts is not None else whole(weights)):
-        dim_ = dim % w.dim()
+    dims = [dim] * len(weights) if isinstance(dim, int) else list(dim)
+    for w, m, part, d in zip(weights, masks, parts if parts is not None else whole(weights), dims):
+        dim_ = d % w.dim()
         shape = [1] * w.dim()
         shape[dim_] = w.shape[dim_]
         slice_mask = _slice_mask_view(m, dim_)
@@ -370,18 +373,21 @@ def update_grouped(
 ) -> None:
     """Grow the masks so that ``round(sparsity * channels)`` channels of each group are pruned in every member.
 
-    ``groups`` are :class:`lightning_compress.groups.ChannelGroup`: for each channel, the dim-0 slices of every
-    parameter coupled to it. A channel's score is its slices' ``|w|^norm`` summed over all members (the max for
-    ``norm=inf``), so coupled layers are scored together; channels already pruned count first and stay pruned;
-    ties go to the lowest channel index.
+    ``groups`` are :class:`lightning_compress.groups.ChannelGroup`: for each channel, the slices (along each
+    parameter's channel dimension, ``group.dims``, 0 by default) of every parameter coupled to it. A channel's score
+    is its slices' ``|w|^norm`` summed over all members (the max for ``norm=inf``), so coupled layers are scored
+    together; channels already pruned count first and stay pruned; ties go to the lowest channel index.
     """
     for group in groups:
+        dims = getattr(group, "dims", {})
         scores = torch.zeros(group.channels, dtype=torch.float64)
         pruned = torch.ones(group.channels, dtype=torch.bool)
         for name, by_channel in group.slices.items():
-            rows = params[name].detach().reshape(params[name].shape[0], -1).abs().double().cpu()
+            weight = params[name].detach().movedim(dims.get(name, 0), 0)
+            rows = weight.reshape(weight.shape[0], -1).abs().double().cpu()
             per_row = rows.amax(dim=1) if math.isinf(norm) else rows.pow(norm).sum(dim=1)
-            kept = (masks[name].reshape(masks[name].shape[0], -1) != 0).any(dim=1).cpu()
+            mask = masks[name].movedim(dims.get(name, 0), 0)
+            kept = (mask.reshape(mask.shape[0], -1) != 0).any(dim=1).cpu()
             for channel, rows_of_channel in enumerate(by_channel):
                 value = per_row[rows_of_channel]
                 scores[channel] = (
@@ -394,7 +400,7 @@ def update_grouped(
         )
         for channel in (channel_mask == 0).nonzero().flatten().tolist():
             for name, by_channel in group.slices.items():
-                masks[name].reshape(masks[name].shape[0], -1)[by_channel[channel]] = 0
+                masks[name].movedim(dims.get(name, 0), 0)[by_channel[channel]] = 0  # a view: writes into the mask
 
 
 @torch.no_grad()

@@ -10,7 +10,8 @@ part by having this one property.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
 
 
 @runtime_checkable
@@ -29,3 +30,13 @@ class SummaryLines(Protocol):
     ``MagnitudePruning``, the accuracy guard's baseline, budget, last value and outcome)."""
 
     def summary_lines(self) -> list[str]: ...
+
+
+@runtime_checkable
+class QuantizedMetricsPlot(Protocol):
+    """Optional: a callback whose figure shows the metrics measured on the quantized model. It draws before
+    quantization runs (``MagnitudePruning`` draws ``sparsity.png`` in ``on_train_end``; quantization runs in
+    ``on_fit_end``), so ``DynamicQuantization`` calls this once at the end of its fit-end work, on rank zero, with
+    its ``quantization/<metric>_after`` values keyed by ``<metric>`` (e.g. ``{"val_acc": 0.95}``)."""
+
+    def redraw_plot(self, trainer: Any, quantized: Mapping[str, float]) -> None: ...

@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -14,9 +14,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_compress import compat, report, sharding
+from lightning_compress import compat, layouts, report, sharding
 from lightning_compress import masks as mask_engine
-from lightning_compress.guard import HOLD, RAISE, ROLL_BACK, AccuracyGuard
+from lightning_compress.guard import HOLD, ROLL_BACK, AccuracyGuard, GuardedSchedule
 from lightning_compress.schedules import is_update_index, target_sparsity, validate_schedule
 from lightning_compress.selection import largest_unselected, matrix_numel, parameter_aliases, select_parameters
 
@@ -24,6 +24,8 @@ METHODS = ("l1_unstructured", "random_unstructured", "ln_structured")
 SCOPES = ("global", "layerwise")
 INTERVALS = ("epoch", "step")
 _STATE_VERSION = 2
+# Under scope="global", a tensor pruned beyond this fraction (and beyond the overall target) is named in a warning.
+COLLAPSED = 0.98
 # What a checkpoint remembers of the settings, to say what changed when a run resumes with others.
 _SETTINGS = (
     "amount",
@@ -73,11 +75,16 @@ class MagnitudePruning(Callback):
         scope: ``"global"`` (one threshold over all selected weights) or ``"layerwise"`` (the target for each
             tensor separately). ``None``: global for unstructured methods, layerwise for ``ln_structured``.
         norm: the ``n`` of the Ln norm, for ``ln_structured``.
-        dim: the dimension whose slices ``ln_structured`` prunes (0: output channels / rows).
+        dim: the dimension whose slices ``ln_structured`` prunes, in the output-first layout ``(out, in, *kernel)``
+            whatever the storage: 0 is output channels (a Linear's rows, a Conv's filters, the columns of
+            ``transformers``' ``Conv1D`` weight stored ``(in, out)``, dim 1 of a ConvTranspose weight stored
+            ``(in, out / groups, *kernel)``), 1 is input channels, higher dims as stored. Other parameters (an
+            embedding selected by name, say) use their stored dims. See :mod:`lightning_compress.layouts`.
         parameters: ``None`` for the weight matrices of dense layers (see
             :func:`lightning_compress.selection.default_parameter_names`: Linear, Conv*, ConvTranspose*, the RNN
-            family, MultiheadAttention, and weights tied to them); or glob patterns over parameter names, e.g.
-            ``["net.*.weight"]`` (a shared parameter matches by any of its names).
+            family, MultiheadAttention, ``transformers``' ``Conv1D`` (GPT-2), and weights tied to them); or glob
+            patterns over parameter names, e.g. ``["net.*.weight"]`` (a shared parameter matches by any of its
+            names).
         exclude: glob patterns removed from the selection (e.g. ``["head.*"]``).
         modules: layer types whose weights are selected, e.g. ``[torch.nn.Conv2d]``; combined with ``parameters``
             when both are given.
@@ -96,16 +103,26 @@ class MagnitudePruning(Callback):
             ``"groups"`` scores and prunes coupled channels together (a layer's filters with its BatchNorm, the
             convolutions joined by a residual add, ...: see :mod:`lightning_compress.groups`), in every member, so
             that :func:`lightning_compress.shrink` can remove them. Needs ``example_input_array`` on the module and
-            ``pip install 'lightning_compress[shrink]'``.
+            ``pip install 'lightning_compress[shrink]'``. A selected weight whose channels no group can remove
+            (normalized across channels by a GroupNorm or LayerNorm, split into attention heads, the model's output,
+            coupled with an unselected layer, or not reached by the example input) is named at setup with the
+            reason, stays dense, and is left out of the target and of ``pruning/coverage``; when no selected weight
+            is in such a group, setup raises ``ValueError``.
 
     With ``max_drop``, an update that would raise the sparsity while the latest ``monitor`` value is outside the
-    budget is held (retried at the next scheduled epoch or step); after ``patience`` such validations the weights
-    and masks of the last update made within budget are restored and sparsity is raised no more (see
+    budget is held (retried at the next scheduled epoch or step), and so is one that comes before any validation
+    has measured the dense baseline; after ``patience`` such validations the weights and masks of the last update
+    made within budget are restored (before any raise, the weights stay as they are) and sparsity is raised no more
+    in that fit. Each ``fit`` starts a new guard and schedule; a resumed one continues the checkpoint's (see
     :mod:`lightning_compress.guard`).
 
     Logged at each update and at the end of training, to every logger of the trainer: ``pruning/sparsity``
     (measured fraction of exact zeros over the selected weights), ``pruning/target``, ``pruning/coverage``
     (selected weights / entries of all parameters with 2+ dimensions) and ``pruning/sparsity/<parameter name>``.
+    Under ``scope="global"``, a tensor pruned beyond 98 % (and beyond the target) is named in a warning, once per
+    tensor and fit. At the end of training ``sparsity.png`` (in the first logger's directory, and in TensorBoard)
+    draws target and measured sparsity, the monitored metric with its dense baseline and, with ``max_drop``, the
+    budget; ``DynamicQuantization`` redraws it with the metric after quantization (:meth:`redraw_plot`).
 
     Strategies: single device, DDP (every rank computes the same masks), and ``ModelParallelStrategy`` with FSDP2's
     ``fully_shard``. There each process keeps the masks of its own shards, and thresholds, counts and logged
@@ -191,7 +208,7 @@ class MagnitudePruning(Callback):
                 f"method={method!r}, dim={dim!r}"
             )
         guard = AccuracyGuard(0.0 if max_drop is None else max_drop, mode, patience, baseline)  # checks every value
-        self._guard = guard if max_drop is not None else None
+        self._guard = guard if max_drop is not None else None  # a fresh one for each fit (on_train_start)
 
         self.amount = float(amount)
         self.start = int(start)
@@ -231,11 +248,14 @@ class MagnitudePruning(Callback):
         self._history: list[dict[str, float]] = []
         self._monitored: list[tuple[float, float]] = []
         self._monitor_key: str | None = None
+        self._dense_value: float | None = None  # the monitored metric's last value before anything was pruned
+        self._pruned_any = False
+        self._collapsed: set[str] = set()  # tensors named in a collapse warning in this fit
+        self._last_epoch: int | None = None
         self._unselected: list[tuple[str, int]] = []
-        self._targets: list[float] = []  # with the guard: the schedule's targets in order, consumed one by one
-        self._position = 0
-        self._snapshot: dict[str, Any] | None = None
+        self._guarded: GuardedSchedule | None = None  # with the guard: the schedule's targets, raised one by one
         self._groups: list[Any] = []
+        self._dims: list[int] = []  # for ln_structured: the stored dim of each selected weight that `dim` means
 
     @property
     def state_key(self) -> str:
@@ -408,6 +428,7 @@ class MagnitudePruning(Callback):
         names = list(selected)
         if self.structure == "groups":
             names = self._with_group_members(pl_module, selected)
+            selected = {name: p for name, p in selected.items() if name in set(names)}  # what the target covers
         if self._names and self._names != names:
             self._masks = None  # another model or selection: old masks do not apply
         self._names = names
@@ -416,10 +437,18 @@ class MagnitudePruning(Callback):
         matrices = matrix_numel(pl_module)
         self._coverage = sum(p.numel() for p in selected.values()) / matrices if matrices else float("nan")
         self._unselected = largest_unselected(pl_module, self._names)
+        # ln_structured's `dim` is in the output-first layout; weights stored input-first map it (layouts.py)
+        out_dims = layouts.output_dims(pl_module, self._names)
+        named = dict(pl_module.named_parameters())
+        self._dims = [
+            layouts.storage_dim(self.dim, named[n].dim(), out_dims[n]) if named[n].dim() >= 2 else 0
+            for n in self._names
+        ]
 
     def _with_group_members(self, pl_module: pl.LightningModule, selected: dict[str, Tensor]) -> list[str]:
-        """Find the coupled channel groups of the selected layers; every parameter in them gets a mask."""
-        from lightning_compress.groups import channel_groups
+        """Find the coupled channel groups of the selected layers; every parameter in them gets a mask. Selected
+        weights in no group that can be pruned are named with the reason, and left out of the target and coverage."""
+        from lightning_compress.groups import OUTPUT, analyse_groups, describe_left_out
 
         example = pl_module.example_input_array
         if example is None:
@@ -427,14 +456,26 @@ class MagnitudePruning(Callback):
                 "MagnitudePruning(structure='groups') traces the model to find coupled channels, and needs an input: "
                 "set `example_input_array` on the LightningModule (a tensor, a tuple, or a dict of keyword inputs)."
             )
-        self._groups = channel_groups(pl_module, example, set(selected))
+        analysis = analyse_groups(pl_module, example, selected)
+        self._groups = analysis.groups
+        members = {name for g in self._groups for name in g.slices}
+        left_out = {name: analysis.left_out[name] for name in selected if name in analysis.left_out}  # model order
+        reasons = "\n".join(f"  - {line}" for line in describe_left_out(left_out))
         if not self._groups:
             raise ValueError(
-                f"MagnitudePruning(structure='groups') found no group of coupled channels that can be removed among "
-                f"{list(selected)}: their channels reach the model's output or run through a layer that mixes "
-                "channels (LayerNorm, attention)."
+                "MagnitudePruning(structure='groups') found no group of coupled channels that can be removed among "
+                f"the {len(selected)} selected weights:\n{reasons}\nUse structure='tensor' to prune each weight's "
+                "slices on its own, or select the layers whose channels can be removed (`parameters=`, `exclude=`)."
             )
-        members = set(selected) | {name for g in self._groups for name in g.slices}
+        if left_out:
+            message = (
+                f"MagnitudePruning(structure='groups') leaves {len(left_out)} selected weight(s) dense, out of the "
+                f"target and of pruning/coverage, because their channels cannot be removed together:\n{reasons}"
+            )
+            if all(why.startswith(OUTPUT) for why in left_out.values()):
+                rank_zero_info(message)  # an output layer: expected, and not worth a warning
+            else:
+                rank_zero_warn(message)
         return [name for name, _ in pl_module.named_parameters() if name in members]
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -443,21 +484,25 @@ class MagnitudePruning(Callback):
         named = dict(pl_module.named_parameters())
         self._params = [named[name] for name in self._names]
         self._locate_shards(trainer)
-        if self._pending_state is not None:
-            self._restore(self._pending_state)
-            self._pending_state = None
-        else:
-            self._last_index = None  # a new fit, not a resumed one: its schedule starts over (masks only grow)
+        resumed, self._pending_state = self._pending_state, None
+        if resumed is not None:
+            self._restore(resumed)
+        else:  # a new fit, not a resumed one: its schedule starts over (masks only grow)
+            self._last_index = None
+            self._last_target = 0.0
+            self._history, self._monitored, self._dense_value = [], [], None
+        self._collapsed = set()
         weights = self._local()
         if self._masks is None:
             self._masks = [mask_engine.new_mask(w) for w in weights]
         else:
             self._masks = [m.to(w.device) for m, w in zip(self._masks, weights)]
         mask_engine.apply_masks(weights, self._masks)
+        self._pruned_any = self.measured_sparsity()[report.SPARSITY] > 0
         self._resolved_end = self._resolve_end(trainer)
         self._check_schedule_values()
         if self._guard is not None:
-            self._prepare_guard(trainer)
+            self._prepare_guard(trainer, resumed)
         self._remove_hooks()
         for optimizer in trainer.optimizers:
             self._hook_handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
@@ -481,15 +526,22 @@ class MagnitudePruning(Callback):
         ]
         self._collective = sharding.ProcessGroupCollective()
 
-    def _prepare_guard(self, trainer: pl.Trainer) -> None:
-        """The schedule's targets in order; fail now if no baseline can exist before the first pruning update."""
+    def _prepare_guard(self, trainer: pl.Trainer, resumed: dict[str, Any] | None) -> None:
+        """The schedule's targets in order under a guard: fresh for a new fit, the checkpoint's when resuming. Fail
+        now if no baseline can exist before the first pruning update."""
         indices = self._scheduled_indices()
-        self._targets = [
-            target_sparsity(self.schedule, i, self.amount, self.start, self._resolved_end) for i in indices
-        ]
+        targets = [target_sparsity(self.schedule, i, self.amount, self.start, self._resolved_end) for i in indices]
+        self._guard = AccuracyGuard(self.max_drop, self.mode, self.patience, self.baseline)
+        self._guarded = GuardedSchedule(self._guard, targets)
+        self._guarded.target = self._last_target
+        if resumed is not None:
+            state = dict(resumed)
+            if state.get("guard") is None:  # saved without a guard: the targets up to the last update are done
+                state["position"] = sum(1 for i in indices if self._last_index is not None and i <= self._last_index)
+            self._guarded.load_state_dict({**state, "last_target": self._last_target}, self._names)
         if self._guard.baseline is not None:
             return
-        first = next((i for i, t in zip(indices, self._targets) if t > 0), None)
+        first = next((i for i, t in zip(indices, targets) if t > 0), None)
         if not compat.has_val_data(trainer) or first == 0:
             why = (
                 "there is no validation data"
@@ -584,62 +636,39 @@ class MagnitudePruning(Callback):
         if index == self._last_index or not scheduled:
             return
         self._last_index = index
-        done = self._position >= len(self._targets)
-        target = self._last_target if done else self._targets[self._position]
-        decision = self._guard.decide(wants_to_raise=target > self._last_target)
-        if done and decision in (RAISE, HOLD):
-            return  # the schedule is done: only a rollback changes anything now
-        if decision == RAISE:
-            if target > self._last_target:
-                self._take_snapshot()
-            self._update_masks(target)
-            self._last_target = target
-            self._position += 1
-        elif decision == HOLD:
+        retried = self._guarded.next_target
+        decision = self._guarded.update(self._local(), self._masks, self._update_masks)
+        self._last_target = self._guarded.target
+        if decision is None:
+            return
+        if decision == HOLD:
+            guard = self._guard
+            why = (
+                f"{self.monitor}={guard.latest:.4f} is outside the budget (baseline {guard.baseline:.4f}, max_drop "
+                f"{self.max_drop:g})"
+                if guard.baseline is not None
+                else f"no validation has measured the dense model's {self.monitor} yet (the baseline)"
+            )
             rank_zero_info(
-                f"MagnitudePruning [{self.interval} {index}]: {self.monitor}={self._guard.latest:.4f} is outside the "
-                f"budget (baseline {self._guard.baseline:.4f}, max_drop {self.max_drop:g}): holding at "
-                f"{self._last_target:.2%}, retrying {target:.2%} at the next update"
+                f"MagnitudePruning [{self.interval} {index}]: {why}: holding at {self._last_target:.2%}, retrying "
+                f"{retried:.2%} at the next update"
             )
         elif decision == ROLL_BACK:
-            self._roll_back()
-        else:  # held with nothing to raise, or stopped after a rollback
-            return
+            self._warn_rolled_back()
         self._report(trainer, f"{self.interval} {index}", index)
 
-    def _roll_back(self) -> None:
-        self._restore_snapshot()
+    def _warn_rolled_back(self) -> None:
+        guard = self._guard
+        restored = (
+            f"rolled back to the weights and masks of the last update within budget ({self._last_target:.2%} sparsity)"
+            if self._guarded.snapshot is not None
+            else "no update had raised the sparsity in this fit, so the weights stay as they are"
+        )
         rank_zero_warn(
             f"MagnitudePruning: {self.monitor} stayed outside the budget for {self.patience} validation(s) "
-            f"(last {self._guard.latest:.4f}, baseline {self._guard.baseline:.4f}, max_drop {self.max_drop:g}): "
-            f"rolled back to the weights and masks of the last update within budget ({self._last_target:.2%} "
-            "sparsity), and sparsity is raised no more in this fit."
+            f"(last {guard.latest:.4f}, baseline {guard.baseline:.4f}, max_drop {self.max_drop:g}): {restored}, and "
+            "sparsity is raised no more in this fit."
         )
-
-    def _take_snapshot(self) -> None:
-        """Weights and masks as they are now, validated within budget: on the CPU, the kept values only once more
-        than half is pruned (dense below that, where a sparse copy would cost more)."""
-        keep = [(m != 0).cpu() for m in self._masks]
-        pruned = sum(int((~k).sum()) for k in keep) / sum(k.numel() for k in keep)
-        sparse = pruned > 0.5
-        values = [
-            w.detach()[k.to(w.device)].cpu() if sparse else w.detach().cpu().clone()
-            for w, k in zip(self._local(), keep)
-        ]
-        self._snapshot = {"keep": keep, "values": values, "sparse": sparse, "target": self._last_target}
-
-    def _restore_snapshot(self) -> None:
-        snapshot = self._snapshot
-        with torch.no_grad():
-            for i, (w, keep, values) in enumerate(zip(self._local(), snapshot["keep"], snapshot["values"])):
-                if snapshot["sparse"]:
-                    w.zero_()
-                    w[keep.to(w.device)] = values.to(device=w.device, dtype=w.dtype)
-                else:
-                    w.copy_(values)
-                self._masks[i] = mask_engine.mask_from_bool(keep, w)
-        mask_engine.apply_masks(self._local(), self._masks)
-        self._last_target = snapshot["target"]
 
     def _describe_selection(self) -> None:
         n = sum(p.total for p in self._parts)
@@ -662,7 +691,7 @@ class MagnitudePruning(Callback):
             )
         elif self.method == "ln_structured":
             mask_engine.update_structured(
-                weights, self._masks, target, self.norm, self.dim, self._sharded_parts(), self._collective
+                weights, self._masks, target, self.norm, self._dims, self._sharded_parts(), self._collective
             )
         else:
             if self.method == "l1_unstructured":
@@ -692,6 +721,9 @@ class MagnitudePruning(Callback):
         if index is not None and not self._history:
             self._describe_selection()  # once, at the first update of the callback's life
         metrics = self.measured_sparsity()
+        self._pruned_any = metrics[report.SPARSITY] > 0
+        if index is not None:
+            self._warn_collapsed(metrics)
         metrics[report.TARGET] = self._last_target
         metrics[report.COVERAGE] = self._coverage
         if self._guard is not None:
@@ -700,7 +732,8 @@ class MagnitudePruning(Callback):
         report.log_to_loggers(trainer, metrics)
         self._history.append(
             {
-                "epoch": trainer.current_epoch,
+                # at the end of training, Lightning's epoch counter is one past the last epoch trained
+                "epoch": trainer.current_epoch if index is not None else self._last_trained_epoch(trainer),
                 "step": trainer.global_step,
                 "index": index if index is not None else float("nan"),
                 "target": self._last_target,
@@ -711,6 +744,33 @@ class MagnitudePruning(Callback):
         rank_zero_info(
             f"MagnitudePruning [{when}]: target sparsity {self._last_target:.2%}, measured "
             f"{metrics[report.SPARSITY]:.2%} of {n:,} weights in {len(self._params)} tensors"
+        )
+
+    def _last_trained_epoch(self, trainer: pl.Trainer) -> int:
+        seen = [h["epoch"] for h in self._history] + [epoch for epoch, _ in self._monitored]
+        return max([trainer.current_epoch - 1, *seen, 0])
+
+    def _warn_collapsed(self, metrics: dict[str, float]) -> None:
+        """Under one global threshold, a tensor of small weights can lose almost all of them: name each such tensor
+        once per fit, with the fix."""
+        if self.scope != "global":
+            return
+        limit = max(COLLAPSED, self._last_target)
+        found = [
+            (name, metrics[report.SPARSITY_PREFIX + name])
+            for name in self._names
+            if metrics[report.SPARSITY_PREFIX + name] > limit and name not in self._collapsed
+        ]
+        if not found:
+            return
+        self._collapsed.update(name for name, _ in found)
+        shown = ", ".join(f"{name} ({fraction:.1%})" for name, fraction in found[:5])
+        more = f" and {len(found) - 5} more" if len(found) > 5 else ""
+        rank_zero_warn(
+            f"MagnitudePruning(scope='global') pruned {shown}{more} beyond {COLLAPSED:.0%}, while the target over "
+            f"all selected weights is {self._last_target:.1%}: one threshold over all of them takes nearly every "
+            "weight of a tensor whose weights are small (a layer initialized at a smaller scale, say), which can cut "
+            "the layer off. Use scope='layerwise' (the target in each tensor), or exclude=[...] those tensors."
         )
 
     # ------------------------------------------------------------------ validation: what the plot shows
@@ -731,6 +791,8 @@ class MagnitudePruning(Callback):
         value = float(trainer.strategy.broadcast(float(value), src=0))
         self._monitor_key = key
         self._monitored.append((trainer.current_epoch, value))
+        if not self._pruned_any:
+            self._dense_value = value
         if self._guard is not None:
             self._guard.observe(value)
 
@@ -739,18 +801,42 @@ class MagnitudePruning(Callback):
         self._remove_hooks()
         if self._masks is None:
             return
-        if self._guard is not None and self._guard.decide(wants_to_raise=False) == ROLL_BACK:
-            self._roll_back()  # the last validation broke the budget: end within it
+        if self._guarded is not None and self._guarded.end(self._local(), self._masks):
+            self._last_target = self._guarded.target  # the last validation broke the budget: end within it
+            self._warn_rolled_back()
         mask_engine.apply_masks(self._local(), self._masks)  # after SWA/EMA wrote their averages (see setup)
         sharding.reshard(self._fsdp_modules)
         self._report(trainer, "end of training", None)
         for line in self.summary_lines():
             rank_zero_info(f"MagnitudePruning: {line}")
         self._warn_if_schedule_unfinished(trainer)
-        report.write_schedule_plot(trainer, self._history, self._monitored, self._monitor_key)
+        self._last_epoch = self._history[-1]["epoch"]
+        self._write_plot(trainer)
         if self.make_permanent:
             self._masks = None
             self._last_index = None
+
+    def _write_plot(self, trainer: pl.Trainer, quantized: float | None = None) -> None:
+        guarded = self._guard is not None and self._guard.baseline is not None
+        report.write_schedule_plot(
+            trainer,
+            self._history,
+            self._monitored,
+            self._monitor_key,
+            baseline=self._guard.baseline if guarded else self._dense_value,
+            max_drop=self.max_drop if guarded else None,
+            mode=self.mode,
+            quantized=quantized,
+            last_epoch=self._last_epoch,
+        )
+
+    def redraw_plot(self, trainer: pl.Trainer, quantized: Mapping[str, float]) -> None:
+        """Draw ``sparsity.png`` again with the monitored metric measured on the quantized model (the
+        :class:`lightning_compress.protocols.QuantizedMetricsPlot` contract: ``DynamicQuantization`` calls it at the
+        end of its fit-end work with its ``quantization/<metric>_after`` values, keyed by ``<metric>``)."""
+        if not self._history:
+            return
+        self._write_plot(trainer, quantized.get(self._monitor_key) if self._monitor_key else None)
 
     def summary_lines(self) -> list[str]:
         """Lines for end-of-fit summaries (``DynamicQuantization``'s table includes them): the accuracy guard's
@@ -807,18 +893,12 @@ class MagnitudePruning(Callback):
             "generator": self._generator.get_state() if self._generator is not None else None,
             "masks": None,
             "settings": self._settings(),
-            "guard": self._guard.state_dict() if self._guard is not None else None,
-            "position": self._position,
+            "guard": None,
+            "position": 0,
             "snapshot": None,
         }
-        if self._snapshot is not None:
-            snapshot = self._snapshot
-            state["snapshot"] = {
-                "keep": dict(zip(self._names, snapshot["keep"])),
-                "values": dict(zip(self._names, snapshot["values"])),
-                "sparse": snapshot["sparse"],
-                "target": snapshot["target"],
-            }
+        if self._guarded is not None:
+            state.update(self._guarded.state_dict(self._names), last_target=self._last_target)
         if self._masks is not None:
             state["masks"] = self._masks_for_checkpoint()
         return state
@@ -858,17 +938,7 @@ class MagnitudePruning(Callback):
             )
         self._last_index = state["last_index"]
         self._last_target = state["last_target"]
-        self._position = state.get("position", 0)
-        if self._guard is not None and state.get("guard") is not None:
-            self._guard.load_state_dict(state["guard"])
-        saved_snapshot = state.get("snapshot")
-        if saved_snapshot is not None:
-            self._snapshot = {
-                "keep": [saved_snapshot["keep"][n] for n in self._names],
-                "values": [saved_snapshot["values"][n] for n in self._names],
-                "sparse": saved_snapshot["sparse"],
-                "target": saved_snapshot["target"],
-            }
+        # the guard's state (its position in the schedule, its snapshot) is restored by _prepare_guard
         if state["generator"] is not None:
             self._generator = torch.Generator()
             self._generator.set_state(state["generator"])

@@ -358,6 +358,11 @@ class DynamicQuantization(Callback):
                 + [line for c in trainer.callbacks if isinstance(c, SummaryLines) for line in c.summary_lines()],
             )
         )
+        from lightning_compress.protocols import QuantizedMetricsPlot  # the pruning plot adds what was measured here
+
+        for callback in trainer.callbacks if comparison.metrics_after else ():
+            if isinstance(callback, QuantizedMetricsPlot):
+                callback.redraw_plot(trainer, dict(comparison.metrics_after))
 
     # ------------------------------------------------------------------ pieces
     def _uses_validation_step(self, pl_module: nn.Module) -> bool:

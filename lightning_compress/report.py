@@ -247,30 +247,113 @@ def sparsity_figure(
     measured: Sequence[tuple[float, float]],
     metric: Sequence[tuple[float, float]] = (),
     metric_name: str | None = None,
+    *,
+    baseline: float | None = None,
+    max_drop: float | None = None,
+    mode: str = "max",
+    quantized: float | None = None,
+    last_epoch: float | None = None,
 ) -> Any:
     """A matplotlib figure: target and measured sparsity and (on a second axis) a validation metric, by epoch.
 
-    Each series is a sequence of ``(epoch, value)`` points.
+    Each series is a sequence of ``(epoch, value)`` points. The target is a step line (it holds from one update to
+    the next), the measured sparsity points with markers, in other colours, so neither hides the other.
+
+    Args:
+        baseline: the dense model's value of the metric (a dotted line), when known.
+        max_drop: with ``baseline``, the accuracy guard's budget, shaded between ``baseline`` and
+            ``baseline - max_drop`` (``+`` for ``mode="min"``).
+        quantized: the metric measured on the quantized model (a star at the last epoch).
+        last_epoch: where the x axis ends: the last trained epoch (points measured after it, at the end of
+            training, are drawn at it).
     """
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    def xs(points: Sequence[tuple[float, float]]) -> list[float]:
+        return [min(p[0], last_epoch) if last_epoch is not None else p[0] for p in points]
+
     figure, sparsity_axis = plt.subplots(figsize=(7, 4))
-    for points, style, label in ((target, "--", "target sparsity"), (measured, "-o", "measured sparsity")):
-        if points:
-            sparsity_axis.plot([p[0] for p in points], [p[1] for p in points], style, label=label)
+    if target:
+        sparsity_axis.plot(
+            xs(target),
+            [p[1] for p in target],
+            drawstyle="steps-post",
+            linestyle="--",
+            linewidth=2.5,
+            color="tab:blue",
+            label="target sparsity",
+            zorder=3,
+        )
+    if measured:
+        sparsity_axis.plot(
+            xs(measured),
+            [p[1] for p in measured],
+            linestyle="-",
+            linewidth=1,
+            marker="o",
+            markersize=6,
+            color="tab:orange",
+            label="measured sparsity",
+            zorder=2,
+            clip_on=False,
+        )
     sparsity_axis.set_xlabel("epoch (masks updated at the start of an epoch)")
     sparsity_axis.set_ylabel("sparsity")
     sparsity_axis.set_ylim(0, 1)
+    sparsity_axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     handles, labels = sparsity_axis.get_legend_handles_labels()
-    if metric and metric_name:
+    if metric_name and (metric or baseline is not None or quantized is not None):
         metric_axis = sparsity_axis.twinx()
-        metric_axis.plot([p[0] for p in metric], [p[1] for p in metric], "-s", color="tab:green", label=metric_name)
+        if metric:
+            metric_axis.plot(xs(metric), [p[1] for p in metric], "-s", color="tab:green", label=metric_name)
+        if baseline is not None:
+            metric_axis.axhline(baseline, color="tab:green", linestyle=":", label=f"{metric_name}, dense baseline")
+            if max_drop is not None:
+                low, high = (baseline - max_drop, baseline) if mode == "max" else (baseline, baseline + max_drop)
+                metric_axis.axhspan(
+                    low, high, color="tab:green", alpha=0.12, label=f"accuracy guard budget (max_drop={max_drop:g})"
+                )
+        if quantized is not None:
+            at = last_epoch if last_epoch is not None else max((p[0] for p in [*metric, *measured]), default=0)
+            metric_axis.plot(
+                [at],
+                [quantized],
+                linestyle="none",
+                marker="*",
+                markersize=14,
+                color="tab:red",
+                label=f"{metric_name}, quantized",
+                clip_on=False,
+                zorder=4,
+            )
         metric_axis.set_ylabel(metric_name)
         more_handles, more_labels = metric_axis.get_legend_handles_labels()
         handles, labels = handles + more_handles, labels + more_labels
-    sparsity_axis.legend(handles, labels, loc="lower right")
+    if last_epoch is not None:
+        first = min((p[0] for p in [*target, *measured, *metric]), default=last_epoch)
+        sparsity_axis.set_xlim(min(first, last_epoch - 1), last_epoch)
+    sparsity_axis.legend(handles, labels, loc="lower right", fontsize="small")
     sparsity_axis.set_title("Pruning schedule and recovery")
     figure.tight_layout()
     return figure
+
+
+def write_figure(trainer: pl.Trainer, figure: Any, name: str = "sparsity.png", tag: str = "pruning/schedule") -> Path:
+    """Write ``figure`` as ``<first logger's log_dir>/<name>`` and, to each TensorBoard logger, under ``tag``; close
+    it. Call it on rank zero with at least one logger."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    # Not `trainer.log_dir`: it is a collective (a broadcast) under DDP, and only rank zero is here.
+    logger = trainer.loggers[0]
+    out = Path(getattr(logger, "log_dir", None) or logger.save_dir or trainer.default_root_dir) / name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=100)
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            logger.experiment.add_figure(tag, figure, global_step=trainer.global_step, close=False)
+    _pyplot().close(figure)
+    return out
 
 
 def write_schedule_plot(
@@ -278,36 +361,28 @@ def write_schedule_plot(
     history: Sequence[Mapping[str, float]],
     monitored: Sequence[tuple[float, float]],
     metric_name: str | None,
+    **extras: Any,
 ) -> Path | None:
     """Draw the pruning history into ``<trainer.log_dir>/sparsity.png`` and, for TensorBoard, as a figure.
 
     Works with any logger, as it draws from the callback's own history. Does nothing without a logger, off rank
-    zero, or without matplotlib (an optional extra). Returns the PNG's path when one was written.
+    zero, or without matplotlib (an optional extra). ``extras`` go to :func:`sparsity_figure` (baseline, budget,
+    quantized metric, last epoch). Returns the PNG's path when one was written.
     """
     if not trainer.is_global_zero or not trainer.loggers or not history:
         return None
     try:
-        plt = _pyplot()
+        _pyplot()
     except ImportError:
         return None
-    from lightning.pytorch.loggers import TensorBoardLogger
-
     figure = sparsity_figure(
         [(h["epoch"], h["target"]) for h in history],
         [(h["epoch"], h["sparsity"]) for h in history],
         monitored,
         metric_name,
+        **extras,
     )
-    # Not `trainer.log_dir`: it is a collective (a broadcast) under DDP, and only rank zero is here.
-    logger = trainer.loggers[0]
-    out = Path(getattr(logger, "log_dir", None) or logger.save_dir or trainer.default_root_dir) / "sparsity.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=100)
-    for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            logger.experiment.add_figure("pruning/schedule", figure, global_step=trainer.global_step, close=False)
-    plt.close(figure)
-    return out
+    return write_figure(trainer, figure)
 
 
 def plot_metrics(
@@ -349,7 +424,10 @@ def plot_metrics(
             return []
         return [(float(r["epoch"]), float(r[key])) for r in rows if r.get(key) not in (None, "") and r.get("epoch")]
 
-    figure = sparsity_figure(series(TARGET), series(SPARSITY), series(accuracy_key), accuracy_key)
+    metric = series(accuracy_key)
+    # rows logged at the end of training carry the epoch count, one past the last epoch validated
+    last_epoch = max(p[0] for p in metric) if metric else None
+    figure = sparsity_figure(series(TARGET), series(SPARSITY), metric, accuracy_key, last_epoch=last_epoch)
     out = Path(path) if path is not None else metrics_csv.with_name("sparsity.png")
     figure.savefig(out, dpi=100)
     plt.close(figure)

@@ -12,6 +12,8 @@ from collections.abc import Iterable, Sequence
 
 from torch import nn
 
+from lightning_compress.layouts import conv1d_types
+
 #: Layer types whose weight matrices are pruned by default: the matrices that dense layers multiply by.
 DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (
     nn.Linear,
@@ -26,6 +28,8 @@ DEFAULT_LAYER_TYPES: tuple[type[nn.Module], ...] = (
     nn.RNN,
     nn.MultiheadAttention,  # in_proj_weight or q/k/v_proj_weight; out_proj is a Linear and is selected as one
 )
+# and transformers' Conv1D (GPT-2's dense layers, weight stored (in, out)), found without importing transformers:
+# see :func:`default_layer_types`.
 _RECURRENT = (nn.LSTM, nn.GRU, nn.RNN)
 _ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 
@@ -66,14 +70,21 @@ def layer_weight_names(model: nn.Module, layer_types: Iterable[type[nn.Module]] 
     return [n for n in canonical.values() if n in found]
 
 
+def default_layer_types() -> tuple[type[nn.Module], ...]:
+    """:data:`DEFAULT_LAYER_TYPES` and, when ``transformers`` is imported, its ``Conv1D`` (see
+    :mod:`lightning_compress.layouts`)."""
+    return DEFAULT_LAYER_TYPES + conv1d_types()
+
+
 def default_parameter_names(model: nn.Module) -> list[str]:
     """Names of the weights pruned when ``parameters=None`` and ``modules=None``.
 
     The weight matrices of Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d, LSTM/GRU/RNN (``weight_ih*``,
-    ``weight_hh*``) and MultiheadAttention (``in_proj_weight`` or ``q/k/v_proj_weight``, ``out_proj.weight``),
-    and any parameter tied to one of them. Biases are never included.
+    ``weight_hh*``), MultiheadAttention (``in_proj_weight`` or ``q/k/v_proj_weight``, ``out_proj.weight``) and
+    ``transformers``' ``Conv1D`` (GPT-2's attention and MLP matrices), and any parameter tied to one of them.
+    Biases are never included.
     """
-    return layer_weight_names(model, DEFAULT_LAYER_TYPES)
+    return layer_weight_names(model, default_layer_types())
 
 
 def select_parameters(

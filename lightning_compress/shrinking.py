@@ -13,24 +13,35 @@ every layer producing it are zero; it then carries a constant (its bias through 
 which is read off the example input at each consumer and folded into that consumer's bias (exactly, for Linear
 consumers and for Conv consumers without padding; with padding, only a constant of 0 is removable). A group this
 code cannot follow (LayerNorm/GroupNorm across channels, attention, anything unknown that holds parameters, or
-channels that reach the model's output) is left dense, with a warning naming the layer and the reason. The result
-is compared with the model on the example input before it is returned; on any difference the unshrunk copy is
-returned instead, with a warning: never a wrong model.
+channels that reach the model's output) is left dense, with a warning naming the layer and the reason.
+
+The example input only shows the layers it reaches. A layer that holds parameters but that the example does not
+reach (a branch taken on other inputs' values, a head used only in ``training_step``) could consume or produce any
+group's channels, and which ones cannot be known from the trace: then no channel is removed, with a warning naming
+the layer. ``transformers``' ``Conv1D`` (GPT-2) is followed as the Linear it is (see
+:mod:`lightning_compress.layouts`) and comes back a ``Conv1D``. The result is compared with the model on the example
+input before it is returned; on any difference the unshrunk copy is returned instead, with a warning: never a wrong
+model.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import warnings
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from lightning_compress import compat
+from lightning_compress import compat, layouts
 from lightning_compress.inputs import ModelInput, outputs_match, plain_outputs
 
 SHRINK_HINT = "Shrinking needs Torch-Pruning: pip install 'lightning_compress[shrink]'"
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# Normalizations across channels and attention (InstanceNorm normalizes each channel on its own: it does not mix).
+_MIXING = (nn.GroupNorm, nn.LayerNorm, nn.RMSNorm, nn.LocalResponseNorm, nn.MultiheadAttention)
+_ATTENTION_OPS = re.compile(r"ScaledDotProduct|Attention|^Bmm|^Baddbmm", re.IGNORECASE)
 _PER_CHANNEL = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
@@ -47,6 +58,11 @@ def shrink(model: nn.Module, example_input: Any, atol: float = 1e-5) -> nn.Modul
         example_input: a real input, as in ``example_input_array`` (a tensor, a tuple, or a dict of keywords).
         atol: the largest difference from ``model``'s outputs on ``example_input`` that counts as equal.
 
+    Warns:
+        ShrinkWarning: channels left in place, with the layer and the reason; a layer holding parameters that the
+            example does not reach (nothing is removed then); the result not matching (the unshrunk copy is
+            returned).
+
     Raises:
         ImportError: Torch-Pruning is not installed.
     """
@@ -57,12 +73,23 @@ def shrink(model: nn.Module, example_input: Any, atol: float = 1e-5) -> nn.Modul
         expected = plain_outputs(example(copy))
     reference = compat.uncompiled_copy(copy)
     try:
-        graph = dependency_graph(copy, example)
+        replaced = layouts.conv1d_as_linear(copy)
+        traced = trace(copy, example)
+        if traced.unreached:
+            warnings.warn(
+                f"shrink: {describe_modules(traced.unreached)} hold(s) parameters that the example input does not "
+                "reach: inputs that do could consume or produce any of the pruned channels, so none was removed. "
+                "Pass an example that reaches every layer, or shrink the submodule it runs (shrink(model.part, x)).",
+                ShrinkWarning,
+                stacklevel=2,
+            )
+            return reference
         names = {module: name for name, module in copy.named_modules()}
         # Lazily: each group is computed when yielded, from the layers as the groups before it left them (indices
         # into a concatenation shift once one of its branches has shrunk).
-        for group in graph.get_all_groups(root_module_types=_LAYERS):
-            _shrink_group(graph, group, copy, example, names)
+        for group in traced.graph.get_all_groups(root_module_types=_LAYERS):
+            _shrink_group(traced, group, copy, example, names)
+        layouts.linear_as_conv1d(copy, replaced)
     except Exception as error:  # a model the dependency graph cannot follow: never return a half-shrunk one
         warnings.warn(
             f"shrink: the dependency analysis could not follow the model ({type(error).__name__}: {error}); "
@@ -93,18 +120,124 @@ def torch_pruning(purpose: str = "Shrinking") -> Any:
     return tp
 
 
-def dependency_graph(model: nn.Module, example: ModelInput, purpose: str = "Shrinking") -> Any:
-    """Torch-Pruning's dependency graph of ``model``, traced by calling it on ``example``."""
-    return (
-        torch_pruning(purpose)
-        .DependencyGraph()
-        .build_dependency(
-            model, example_inputs=example, forward_fn=lambda m, x: x(m), output_transform=_first_tensor, verbose=False
-        )
-    )
+@dataclasses.dataclass
+class Trace:
+    """Torch-Pruning's dependency graph of a model called on one input, and the modules that call did not reach:
+    ``(qualified name, module)`` for each module holding a parameter the traced outputs do not depend on."""
+
+    graph: Any
+    unreached: list[tuple[str, nn.Module]]
+    outputs: list[Tensor]
+
+    def reaches_output(self, group: Any) -> bool:
+        """Whether the channels of a group of :attr:`graph` are (part of) one of the traced outputs."""
+        ends = {id(t.grad_fn) for t in self.outputs}
+        for item in group:
+            node = item.dep.target
+            if not self.graph.is_out_channel_pruning_fn(item.dep.handler):
+                continue  # a consumer: its output is another tensor, with other channels
+            if id(node.grad_fn) in ends or any(_is_output_op(n.module) for n in [node, *node.outputs]):
+                return True
+        return False
 
 
-def _shrink_group(graph: Any, group: Any, model: nn.Module, example: ModelInput, names: dict[nn.Module, str]) -> None:
+def trace(model: nn.Module, example: ModelInput, purpose: str = "Shrinking") -> Trace:
+    """Trace ``model`` on ``example`` (in place: call it on a copy): its dependency graph, from the output tensors
+    with a gradient history, and which parameters those outputs depend on (every floating parameter is made to
+    require grad for the call, so frozen ones count too; the flags are restored)."""
+    tp = torch_pruning(purpose)
+    outputs: list[list[Tensor]] = []
+
+    def forward(m: nn.Module, x: ModelInput) -> list[Tensor]:
+        outputs.append(_traced_tensors(x(m)))
+        return outputs[-1]
+
+    flags = {p: p.requires_grad for p in model.parameters()}
+    try:
+        for p in flags:
+            p.requires_grad_(p.is_floating_point())
+        with torch.enable_grad():
+            graph = tp.DependencyGraph().build_dependency(
+                model, example_inputs=example, forward_fn=forward, verbose=False
+            )
+    finally:
+        for p, flag in flags.items():
+            p.requires_grad_(flag)
+    reached = _parameters_behind(outputs[-1])
+    unreached = [
+        (name, module)
+        for name, module in model.named_modules()
+        if any(id(p) not in reached for p in module.parameters(recurse=False) if p.is_floating_point())
+    ]
+    return Trace(graph, unreached, outputs[-1])
+
+
+def mixes_channels(module: nn.Module) -> bool:
+    """Whether ``module`` combines the channels it is given (a normalization across channels, attention), as opposed
+    to a layer this code merely does not follow (a transposed convolution, an embedding, a custom layer)."""
+    return isinstance(module, _MIXING)
+
+
+def mixing_operation(group: Any) -> str | None:
+    """The name of an operation in ``group`` that mixes its channels although Torch-Pruning models it as element-wise:
+    attention (``scaled_dot_product_attention``, or the batched matmuls of an eager one), whose heads tie channels
+    together; ``None`` if there is none."""
+    for item in group:
+        grad_fn = item.dep.target.grad_fn
+        name = grad_fn.name() if grad_fn is not None and hasattr(grad_fn, "name") else ""
+        if _ATTENTION_OPS.search(name):
+            return name.removesuffix("Backward0").removesuffix("Backward1")
+    return None
+
+
+def indices_fit(graph: Any, group: Any) -> bool:
+    """Whether every layer's indices in ``group`` lie within its channels (Torch-Pruning maps indices through ops it
+    does not understand, such as reshapes into attention heads, onto channels that do not exist)."""
+    for item in group:
+        module, idxs = item.dep.target.module, item.idxs
+        if not isinstance(module, _LAYERS) or not idxs:
+            continue
+        out = graph.is_out_channel_pruning_fn(item.dep.handler)
+        if isinstance(module, nn.Linear):
+            size = module.out_features if out else module.in_features
+        else:
+            size = module.out_channels if out else module.in_channels
+        if len(idxs) > size or max(idxs) >= size:
+            return False
+    return True
+
+
+def _is_output_op(module: Any) -> bool:
+    return isinstance(module, torch_pruning().ops._OutputOp)  # the node of an output that no hooked layer made
+
+
+def describe_modules(modules: list[tuple[str, nn.Module]], limit: int = 4) -> str:
+    """``'a.b' (Linear), 'c' (Conv2d) and 3 more``: a few lines at most, whatever the count."""
+    shown = ", ".join(f"{name!r} ({type(module).__name__})" for name, module in modules[:limit])
+    return shown + (f" and {len(modules) - limit} more" if len(modules) > limit else "")
+
+
+def _parameters_behind(tensors: list[Tensor]) -> set[int]:
+    """``id`` of every leaf tensor (parameter) in the autograd graphs of ``tensors``."""
+    reached: set[int] = set()
+    stack = [t.grad_fn for t in tensors]
+    seen: set[Any] = set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        variable = getattr(fn, "variable", None)  # AccumulateGrad: the leaf it accumulates into
+        if variable is not None:
+            reached.add(id(variable))
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return reached
+
+
+def _shrink_group(
+    traced: Trace, group: Any, model: nn.Module, example: ModelInput, names: dict[nn.Module, str]
+) -> None:
+    graph = traced.graph
     root_item = group[0]
     root = root_item.dep.target.module
     name = names.get(root, type(root).__name__)
@@ -118,9 +251,16 @@ def _shrink_group(graph: Any, group: Any, model: nn.Module, example: ModelInput,
         if isinstance(module, _LAYERS):
             (producers if out else consumers).append(item)
         elif not isinstance(module, _PER_CHANNEL):
-            reason = f"{type(module).__name__} {names.get(module, '')!r} mixes these channels"
+            layer = f"{type(module).__name__} {names.get(module, '')!r}"
+            reason = f"{layer} mixes these channels" if mixes_channels(module) else f"shrink does not follow {layer}"
             return _left_dense(name, reason, _zero_channels(producers) if producers else None)
-    if not consumers:
+    attention = mixing_operation(group)
+    if attention is not None or not indices_fit(graph, group):
+        zeroed = _zero_channels(producers) if producers and indices_fit(graph, producers) else None
+        if attention is not None:
+            return _left_dense(name, f"they run through attention ({attention}), whose heads tie them together", zeroed)
+        return _left_dense(name, "the dependency graph maps them onto channels that do not exist (a reshape)", zeroed)
+    if not consumers or traced.reaches_output(group):
         return  # these channels are (part of) the model's output: removing them would change its shape
     removable = _zero_channels(producers)
     if not removable:
@@ -203,9 +343,20 @@ def _left_dense(name: str, reason: str, zeroed: set[int] | None) -> None:
         warnings.warn(message, ShrinkWarning, stacklevel=4)  # at the caller of shrink()
 
 
-def _first_tensor(output: Any) -> Tensor:
-    """Torch-Pruning traces the graph back from one tensor: the first one in the output."""
-    plain = plain_outputs(output)
-    while not isinstance(plain, Tensor):
-        plain = next(iter(plain.values())) if isinstance(plain, dict) else plain[0]
-    return plain
+def _traced_tensors(output: Any) -> list[Tensor]:
+    """The output tensors Torch-Pruning traces the graph back from: every one with a gradient history (integer
+    outputs and constants have none)."""
+    found: list[Tensor] = []
+    stack = [plain_outputs(output)]
+    while stack:
+        item = stack.pop(0)
+        if isinstance(item, Tensor):
+            if item.grad_fn is not None:
+                found.append(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, (tuple, list)):
+            stack.extend(item)
+    if not found:
+        raise ValueError("no output of the model depends on its parameters")
+    return found

@@ -45,9 +45,11 @@ def test_min_mode_and_non_finite_values():
     assert guard.decide() == ROLL_BACK
 
 
-def test_no_baseline_is_a_clear_error_and_state_round_trips():
-    with pytest.raises(ValueError, match="needs a dense baseline.*`start >= 1`.*`baseline=`"):
-        AccuracyGuard(max_drop=0.01).decide()
+def test_without_a_baseline_a_raise_waits_for_one_and_state_round_trips():
+    guard = AccuracyGuard(max_drop=0.01)
+    assert guard.decide() == HOLD and guard.held == 1 and not guard.pruning_started  # nothing to judge against yet
+    guard.observe(0.8)  # the dense model's first validation: the baseline
+    assert guard.baseline == 0.8 and guard.decide() == RAISE
     guard = AccuracyGuard(max_drop=0.01, patience=3)
     guard.observe(0.7)
     guard.decide()
@@ -239,3 +241,68 @@ def test_an_unknown_monitor_fails_at_the_first_validation_before_any_pruning(qui
     with pytest.raises(ValueError, match=r"monitor='val_accuracy'.*logged no such metric.*Logged: \[.*'val_acc'\]"):
         trainer.fit(DigitsMLP(hidden=16), datamodule=DigitsDataModule())
     assert all(probe.all_kept_by_epoch.values())  # not a weight was pruned
+
+
+# ---------------------------------------------------------------------------------------------- issue 17: totality
+class Weights(Callback):
+    """The module's parameters at the end of training, copied."""
+
+    def on_train_end(self, trainer, pl_module):
+        self.final = {name: p.detach().clone() for name, p in pl_module.named_parameters()}
+
+
+def test_a_rollback_before_any_raise_leaves_the_weights_as_they_were(quiet_trainer_kwargs):
+    # The README's pattern: schedule="linear", start=1, whose update at epoch 1 has target 0. The dense model's
+    # second validation (0.9) is below the budget of the best one (1.0 - 0.05): the first raise (epoch 2) rolls back
+    # before anything was pruned. It used to crash in the snapshot restore (TypeError: 'NoneType' ...).
+    def run(callbacks):
+        pl.seed_everything(0, verbose=False)
+        model = ScriptedScore([1.0, 0.9, 0.9])
+        weights = Weights()
+        trainer = pl.Trainer(
+            max_epochs=3, limit_train_batches=4, callbacks=[*callbacks, weights], **quiet_trainer_kwargs
+        )
+        trainer.fit(model, datamodule=DigitsDataModule())
+        return weights.final
+
+    pruning = MagnitudePruning(amount=0.5, schedule="linear", start=1, monitor="val_score", max_drop=0.05)
+    probe = Probe(pruning)
+    with pytest.warns(UserWarning, match="no update had raised the sparsity in this fit, so the weights stay as"):
+        guarded = run([pruning, probe])
+    assert pruning.guard.rolled_back and pruning.guard.baseline == 1.0
+    assert [h["target"] for h in pruning.history] == [0.0, 0.0, 0.0]  # epoch 1, the rollback at 2, the end
+    assert all(probe.all_kept_by_epoch.values()) and probe.violations == 0
+    unpruned = run([])  # the same training without the callback: not one bit differs
+    assert all(torch.equal(guarded[name], unpruned[name]) for name in unpruned)
+
+
+def test_a_raise_before_any_validation_waits_for_the_baseline(quiet_trainer_kwargs):
+    # interval="step": the schedule's first raise (step 2) comes before the first validation (end of epoch 0, after
+    # 23 steps). It used to raise "needs a dense baseline" mid-training; it is held until that validation.
+    pruning = MagnitudePruning(
+        amount=0.5, schedule="constant", start=2, end=30, interval="step", monitor="val_acc", max_drop=0.5
+    )
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(max_epochs=2, callbacks=[pruning], **quiet_trainer_kwargs)
+    trainer.fit(DigitsMLP(hidden=16), datamodule=DigitsDataModule())
+    raised = [h for h in pruning.history if h["target"] > 0]
+    steps_per_epoch = trainer.num_training_batches
+    assert pruning.history[0] == {**pruning.history[0], "step": 2, "target": 0.0}  # held: nothing pruned
+    assert raised[0]["step"] == steps_per_epoch  # the first step after epoch 0's validation
+    assert pruning.guard.held == len([h for h in pruning.history if h["target"] == 0])
+    assert pruning.history[-1]["sparsity"] == pytest.approx(0.5, abs=0.01)
+
+
+def test_a_second_fit_starts_a_new_guard_and_never_restores_the_first_fits_weights(quiet_trainer_kwargs):
+    pruning = MagnitudePruning(amount=0.5, schedule="linear", start=1, end=2, monitor="val_score", max_drop=0.05)
+    first = ScriptedScore([1.0, 1.0, 1.0])
+    pl.seed_everything(0, verbose=False)
+    kwargs = {**quiet_trainer_kwargs, "limit_train_batches": 4}
+    pl.Trainer(max_epochs=3, callbacks=[pruning], **kwargs).fit(first, datamodule=DigitsDataModule())
+    assert pruning.guard.baseline == 1.0 and not pruning.guard.rolled_back
+    second, weights = ScriptedScore([0.6, 0.5, 0.5]), Weights()  # another model, another baseline
+    with pytest.warns(UserWarning, match="no update had raised the sparsity in this fit"):
+        pl.Trainer(max_epochs=3, callbacks=[pruning, weights], **kwargs).fit(second, datamodule=DigitsDataModule())
+    assert pruning.guard.baseline == pytest.approx(0.6) and pruning.guard.rolled_back
+    assert all(torch.equal(weights.final[n], p) for n, p in second.named_parameters())
+    assert not any(bool((p == 0).all()) for p in second.parameters())  # not the first fit's pruned weights
