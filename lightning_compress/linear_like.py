@@ -5,9 +5,8 @@ computes a Linear under another type stays float, silently. :func:`as_linears` c
 plain ``nn.Linear`` modules with equal outputs, so that they are quantized like any Linear:
 
 * transformers' ``Conv1D`` (GPT-2, OpenAI GPT, ImageGPT, Decision Transformer, CLVP): the weight is stored
-  (in, out) and ``y = x @ W + b``; the Linear gets the transposed weight. transformers is an optional dependency:
-  the class is looked up in ``sys.modules`` (a ``Conv1D`` instance exists only once transformers has loaded it),
-  never imported here.
+  (in, out) and ``y = x @ W + b``; the Linear gets the transposed weight. transformers is an optional dependency,
+  never imported here (:mod:`lightning_compress.layouts` finds the class).
 * subclasses of ``nn.Linear`` that keep ``nn.Linear.forward`` (a custom ``__init__`` or initialisation, extra
   attributes): torch.ao matches ``type(module) is nn.Linear`` only. Not ``NonDynamicallyQuantizableLinear``:
   it is ``nn.MultiheadAttention``'s ``out_proj``, whose weight the attention's functional forward reads directly,
@@ -23,11 +22,11 @@ is: converting it would untie the weight.
 
 from __future__ import annotations
 
-import sys
-
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+
+from lightning_compress import layouts
 
 #: Attributes set on a converted module: the type it had in the trained model, and what it was, in words.
 _ORIGINAL = "_lightning_compress_original_type"
@@ -35,16 +34,11 @@ _KIND = "_lightning_compress_converted_from"
 _HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs")
 
 
-def conv1d_type() -> type[nn.Module] | None:
-    """transformers' ``Conv1D`` class when transformers has loaded it, else ``None`` (nothing imported here)."""
-    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
-
-
 def is_linear_like_type(cls: type) -> bool:
     """Whether instances of ``cls`` are Linear layers in disguise (for ``modules=[...]`` given as types)."""
-    conv1d = conv1d_type()
-    if conv1d is not None and issubclass(cls, conv1d):
-        return cls.forward is conv1d.forward
+    conv1d = [c for c in layouts.conv1d_types() if issubclass(cls, c)]
+    if conv1d:
+        return cls.forward is conv1d[0].forward
     return issubclass(cls, nn.Linear) and cls is not nn.Linear and _keeps_linear_forward(cls)
 
 
@@ -82,9 +76,8 @@ def as_linears(model: nn.Module) -> dict[str, str]:
 
 
 def _kind(module: nn.Module) -> str | None:
-    conv1d = conv1d_type()
-    if conv1d is not None and isinstance(module, conv1d):
-        return "Conv1D" if type(module).forward is conv1d.forward else None
+    if layouts.is_conv1d(module):
+        return "Conv1D" if is_linear_like_type(type(module)) else None
     if not isinstance(module, nn.Linear) or isinstance(module, nn.modules.lazy.LazyModuleMixin):
         return None
     base = parametrize.type_before_parametrizations(module)
@@ -106,17 +99,20 @@ def _parametrization_names(module: nn.Module) -> list[str]:
 
 def _to_linear(module: nn.Module) -> nn.Linear | None:
     original = parametrize.type_before_parametrizations(module)
-    conv1d = conv1d_type()
-    if conv1d is not None and isinstance(module, conv1d):
-        # The transposed view, not a contiguous copy: F.linear then multiplies by W itself, the GEMM Conv1D runs, and
-        # the outputs are bit-identical (a contiguous copy differed in the last bit on 20 of 36 shapes measured).
-        weight, bias = module.weight.detach().t(), module.bias
+    if layouts.is_conv1d(module):
+        linear = layouts.conv1d_to_linear(module)
     elif parametrize.is_parametrized(module):
         # Not parametrize.remove_parametrizations: it edits the module's class, which a deep copy shares with the
         # original model. The weights as the parametrizations compute them, in the copy's (eval) mode.
         with torch.no_grad():
             weight = module.weight.detach().clone()
             bias = module.bias.detach().clone() if module.bias is not None else None
+        linear = torch.nn.utils.skip_init(
+            nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype
+        )
+        linear.weight = nn.Parameter(weight, requires_grad=_requires_grad(module))
+        if bias is not None:
+            linear.bias = nn.Parameter(bias, requires_grad=_requires_grad(module))
     else:
         try:  # a subclass that kept Linear's forward: the same module, as a Linear
             module.__class__ = nn.Linear
@@ -124,14 +120,6 @@ def _to_linear(module: nn.Module) -> nn.Linear | None:
             return None
         setattr(module, _ORIGINAL, original)
         return module
-    linear = torch.nn.utils.skip_init(
-        nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype
-    )
-    linear.weight = nn.Parameter(weight, requires_grad=_requires_grad(module))
-    if bias is not None:
-        linear.bias = (
-            bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=_requires_grad(module))
-        )
     for hooks in _HOOKS:  # as torch.ao keeps a swapped module's hooks
         getattr(linear, hooks).update(getattr(module, hooks))
     linear.train(module.training)
