@@ -25,7 +25,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_compress import compat, evaluation, measure, pipeline, report, sharding
+from lightning_compress import compat, evaluation, isolation, measure, pipeline, report, sharding
 from lightning_compress.artifact import save_compressed, save_quantized
 from lightning_compress.backends import DTYPES, SUPPORTED_MODULES
 from lightning_compress.inputs import ModelInput, capture_inputs
@@ -204,7 +204,8 @@ class DynamicQuantization(Callback):
         full_state = self._gather(trainer, pl_module)
         if trainer.is_global_zero:
             try:
-                self._run(trainer, pl_module, rehearsal=True, full_state=full_state)
+                with isolation.untouched(pl_module, trainer):
+                    self._run(trainer, pl_module, rehearsal=True, full_state=full_state)
             except Exception as exception:  # reported on every rank below
                 error = (
                     f"{type(exception).__name__}: {exception}"
@@ -226,7 +227,8 @@ class DynamicQuantization(Callback):
         if not trainer.is_global_zero:
             return
         try:
-            self._run(trainer, pl_module, rehearsal=False, full_state=full_state)
+            with isolation.untouched(pl_module, trainer):
+                self._run(trainer, pl_module, rehearsal=False, full_state=full_state)
         except Exception as error:
             raise QuantizationError(
                 f"DynamicQuantization failed after training ({type(error).__name__}: {error}). The trained float "
