@@ -7,12 +7,13 @@ why no public API does the same; the tests that cover them fail on an upgrade th
 from __future__ import annotations
 
 import copy
+import sys
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torchmetrics
-from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging
+from lightning.pytorch.callbacks import Callback, RichProgressBar, StochasticWeightAveraging
 from lightning.pytorch.strategies import (
     DDPStrategy,
     DeepSpeedStrategy,
@@ -225,3 +226,19 @@ def forget_metric_attributes(module: nn.Module) -> None:
 def uncompiled_name(name: str) -> str:
     """A parameter or module name as in the uncompiled model: without ``torch.compile``'s ``_orig_mod`` segments."""
     return ".".join(part for part in name.split(".") if part != "_orig_mod")
+
+
+def finish_progress_display(trainer: pl.Trainer) -> None:
+    """Let the trainer's progress bar finish drawing before we print below it (at ``on_fit_end``).
+
+    ``RichProgressBar`` keeps a live display until its ``teardown``, which Lightning 2.6 calls after ``on_fit_end``:
+    lines printed meanwhile land above the last epoch's bar. Its private ``_stop_progress`` (what its ``teardown``
+    and ``on_exception`` call; idempotent, and a later validate or fit starts a new display) ends it now. TQDM's bar
+    is closed at ``on_train_end``, but its last newline waits in ``sys.stdout``'s buffer while the logging module
+    writes to ``sys.stderr``: both are flushed.
+    """
+    bar = trainer.progress_bar_callback
+    if isinstance(bar, RichProgressBar):
+        bar._stop_progress()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()

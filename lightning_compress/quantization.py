@@ -226,6 +226,7 @@ class DynamicQuantization(Callback):
         full_state = self._gather(trainer, pl_module)
         if not trainer.is_global_zero:
             return
+        compat.finish_progress_display(trainer)  # what we print comes below the last epoch's bar
         try:
             with isolation.untouched(pl_module, trainer):
                 self._run(trainer, pl_module, rehearsal=False, full_state=full_state)
@@ -255,7 +256,6 @@ class DynamicQuantization(Callback):
         """
         stages: dict[str, float] = {}
         limit = 1 if rehearsal else None
-        progress = not rehearsal and trainer.progress_bar_callback is not None
         dtype = DTYPES[self.dtype]
         with _timed(stages, "copy"):
             float_model, cast_from = pipeline.float_copy(pl_module, full_state)
@@ -265,7 +265,7 @@ class DynamicQuantization(Callback):
         with _timed(stages, "evaluate float"):
             if self.evaluate or (needs_inputs and example is None):
                 batches = limit if self.evaluate else 1
-                inputs, before = self._evaluate(trainer, float_model, batches, progress and self.evaluate)
+                inputs, before = self._evaluate(trainer, float_model, batches)
                 before = before if self.evaluate else {}
             else:
                 inputs, before = [], {}
@@ -293,7 +293,7 @@ class DynamicQuantization(Callback):
             else:
                 quantized = pipeline.quantize(to_quantize, dtype, names)
         with _timed(stages, "evaluate quantized"):
-            after = self._evaluate(trainer, quantized, limit, progress)[1] if self.evaluate else {}
+            after = self._evaluate(trainer, quantized, limit)[1] if self.evaluate else {}
             if not self.evaluate and inputs:
                 inputs[0](quantized)  # it runs, at least
         if rehearsal:
@@ -337,14 +337,14 @@ class DynamicQuantization(Callback):
         return self.metric is None and self.dataloader is None and evaluation.has_validation_step(pl_module)
 
     def _evaluate(
-        self, trainer: pl.Trainer, model: nn.Module, limit: int | None, progress: bool
+        self, trainer: pl.Trainer, model: nn.Module, limit: int | None
     ) -> tuple[list[ModelInput], dict[str, float]]:
         """Metrics of ``model`` on the evaluation data (the first ``limit`` batches) and the inputs its forward got."""
         if self._uses_validation_step(model):
             loaders = compat.raw_val_dataloaders(trainer)
             return capture_inputs(
                 model,
-                lambda: evaluation.validate(model, loaders, limit if limit is not None else 1.0, progress),
+                lambda: evaluation.validate(model, loaders, limit if limit is not None else 1.0),
                 LATENCY_BATCHES,
             )
         batches = list(itertools.islice(self._batches(trainer), limit)) if limit is not None else self._batches(trainer)
