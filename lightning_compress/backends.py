@@ -14,9 +14,12 @@ import os
 import re
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
+
+from lightning_compress.copying import Copier
 
 #: Float module types that dynamic quantization replaces, and nothing else: activations are quantized on the
 #: fly inside these layers, so there is no separate module to quantize (ReLU, Conv2d... have no dynamic form).
@@ -62,8 +65,11 @@ def quantize_dynamic_copy(
 ) -> nn.Module:
     """A dynamically quantized copy of the CPU float ``model``; ``model`` itself is left untouched.
 
-    ``targets``: module types to quantize wherever they occur, and/or qualified names of single modules.
+    ``targets``: module types to quantize wherever they occur, and/or qualified names of single modules. The copy
+    is made by :class:`lightning_compress.copying.Copier` (attributes that cannot be deep-copied are shared), and
+    then quantized in place.
     """
+    copied = Copier()(model)
     qconfig = (
         torch.ao.quantization.default_dynamic_qconfig
         if dtype == torch.qint8
@@ -71,5 +77,51 @@ def quantize_dynamic_copy(
     )
     with torch_internal_warnings_silenced():
         return torch.ao.quantization.quantize_dynamic(
-            model, qconfig_spec=dict.fromkeys(targets, qconfig), dtype=dtype, inplace=False
+            copied, qconfig_spec=dict.fromkeys(targets, qconfig), dtype=dtype, inplace=True
         ).eval()
+
+
+def known_refusals(model: nn.Module, names: list[str]) -> dict[str, str]:
+    """The named layers this backend is known not to quantize correctly, with the reason (checked without running).
+
+    ``nn.LSTM(proj_size=...)``: torch.ao's dynamic LSTM packs ``weight_hr`` as if it were square and fails at the
+    first call ("The number of rows in the packB should be equal to K").
+    """
+    modules = dict(model.named_modules())
+    refused = {}
+    for name in names:
+        module = modules[name]
+        if isinstance(module, nn.LSTM) and module.proj_size > 0:
+            refused[name] = f"LSTM with proj_size={module.proj_size}: torch.ao's dynamic LSTM has no projection"
+    return refused
+
+
+def failing_layers(float_model: nn.Module, quantized: nn.Module, names: list[str], example: Any) -> dict[str, str]:
+    """The named layers whose quantized form raises on the input its float form receives when ``float_model``
+    runs on ``example`` (a :class:`lightning_compress.inputs.ModelInput`), with a short reason; layers that the
+    example does not reach are not tried."""
+    modules = dict(float_model.named_modules())
+    received: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+
+    def record(name: str) -> Any:
+        def hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            received.setdefault(name, (args, kwargs))
+
+        return hook
+
+    handles = [modules[n].register_forward_pre_hook(record(n), with_kwargs=True) for n in names]
+    try:
+        with torch.inference_mode():
+            example(float_model)
+    finally:
+        for handle in handles:
+            handle.remove()
+    failing = {}
+    with torch.inference_mode(), torch_internal_warnings_silenced():
+        for name, (args, kwargs) in received.items():
+            try:
+                quantized.get_submodule(name)(*args, **kwargs)
+            except Exception as error:
+                first_line = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
+                failing[name] = f"its quantized form fails on its input ({type(error).__name__}: {first_line})"
+    return failing

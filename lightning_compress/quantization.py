@@ -8,13 +8,14 @@ whole path on one batch before training, and logs what it measured.
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import itertools
 import numbers
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -25,13 +26,15 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_compress import compat, evaluation, isolation, measure, pipeline, report, sharding
-from lightning_compress.artifact import save_compressed, save_quantized
+from lightning_compress import backends, compat, evaluation, isolation, measure, pipeline, rehearsal, report, sharding
+from lightning_compress.artifact import Written, write_verified
 from lightning_compress.backends import DTYPES, SUPPORTED_MODULES
+from lightning_compress.copying import CopyReport
 from lightning_compress.inputs import ModelInput, capture_inputs
 from lightning_compress.kernels import KernelChoice, build_with_kernels, choose_linear_kernels
 from lightning_compress.protocols import PruningCallback, SummaryLines
 from lightning_compress.shrinking import SHRINK_HINT, shrink
+from lightning_compress.verification import ArtifactMismatch, CheckedArtifact, short_error
 
 #: Latency is timed on (up to) this many evaluation batches.
 LATENCY_BATCHES = 32
@@ -171,6 +174,7 @@ class DynamicQuantization(Callback):
         self.kernel_choices: dict[str, KernelChoice] = {}
         self.stage_seconds: dict[str, float] = {}
         self.quantized_layers: list[str] = []
+        self.kept_float: dict[str, str] = {}
 
     # ------------------------------------------------------------------ before training: fail fast
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -207,15 +211,12 @@ class DynamicQuantization(Callback):
                 with isolation.untouched(pl_module, trainer):
                     self._run(trainer, pl_module, rehearsal=True, full_state=full_state)
             except Exception as exception:  # reported on every rank below
-                error = (
-                    f"{type(exception).__name__}: {exception}"
-                    if not isinstance(exception, ValueError)
-                    else str(exception)
-                )
+                error = str(exception) if isinstance(exception, ValueError) else short_error(exception, 600)
         error = trainer.strategy.broadcast(error, src=0)
         if error is not None:
             raise ValueError(
-                f"DynamicQuantization rehearsed its end-of-fit work on one batch before training, and it failed: "
+                "DynamicQuantization rehearsed its end-of-fit work before training (on the first, the last and the "
+                f"differently shaped validation batches), and it failed: "
                 f"{error}"
             )
 
@@ -250,25 +251,32 @@ class DynamicQuantization(Callback):
         rehearsal: bool,
         full_state: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """The end-of-fit path; with ``rehearsal`` on one batch, writing nothing but a temporary artifact.
+        """The end-of-fit path; with ``rehearsal`` on varied batches (:mod:`lightning_compress.rehearsal`), writing
+        nothing but a temporary artifact.
 
         ``full_state``: the gathered full state dict of a sharded module, which the float copy is made of.
         """
         stages: dict[str, float] = {}
-        limit = 1 if rehearsal else None
         dtype = DTYPES[self.dtype]
+        copy_report = CopyReport()
         with _timed(stages, "copy"):
-            float_model, cast_from = pipeline.float_copy(pl_module, full_state)
+            float_model, cast_from = pipeline.float_copy(pl_module, full_state, copy_report)
             names = pipeline.select_modules(float_model, self.modules, self.exclude)
+            refused = backends.known_refusals(float_model, names)
+            names = _without(names, refused)
         example = self._example_input(pl_module, cast_from)
+        # the rehearsal, and an end of fit that does not evaluate, run on the first, last and differently shaped
+        # validation batches; the evaluations at fit end on all of them
         needs_inputs = self.save_path is not None or self.sparse_kernels == "auto" or self.evaluate or self.shrink
-        with _timed(stages, "evaluate float"):
-            if self.evaluate or (needs_inputs and example is None):
-                batches = limit if self.evaluate else 1
-                inputs, before = self._evaluate(trainer, float_model, batches)
+        uses_data = self.evaluate or (needs_inputs and example is None)
+        source = self._varied_source(trainer) if uses_data and (rehearsal or not self.evaluate) else None
+        with _timed(stages, "evaluate float", announce=not rehearsal):
+            if uses_data:
+                inputs, before = self._evaluate(trainer, float_model, source)
                 before = before if self.evaluate else {}
             else:
                 inputs, before = [], {}
+        compared = ([example] if example is not None else []) + inputs
         if example is not None:
             inputs = [example]
         if needs_inputs and not inputs:
@@ -287,17 +295,23 @@ class DynamicQuantization(Callback):
                 "shrink: sparsity in the quantized column is over the shrunk weights (removed channels are gone)"
             )
         with _timed(stages, "quantize", announce=not rehearsal):
-            if self.sparse_kernels == "auto" and not rehearsal:
-                self.kernel_choices = choose_linear_kernels(to_quantize, inputs[0], dtype, names)
-                quantized = build_with_kernels(to_quantize, self.kernel_choices, dtype, names)
-            else:
-                quantized = pipeline.quantize(to_quantize, dtype, names)
-        with _timed(stages, "evaluate quantized"):
-            after = self._evaluate(trainer, quantized, limit)[1] if self.evaluate else {}
+            quantized = self._quantize(to_quantize, dtype, names, inputs, rehearsal)
+            failing = backends.failing_layers(to_quantize, quantized, names, inputs[0]) if inputs else {}
+            if failing:  # left in float, as those the backend is known not to take
+                refused.update(failing)
+                names = _without(names, failing)
+                quantized = self._quantize(to_quantize, dtype, names, inputs, rehearsal)
+        notes += [f"{name} stays float: {reason}" for name, reason in refused.items()]
+        if rehearsal:
+            for line in [*notes, copy_report.describe()]:
+                if line:
+                    rank_zero_info(f"DynamicQuantization: {line}")
+        with _timed(stages, "evaluate quantized", announce=not rehearsal):
+            after = self._evaluate(trainer, quantized, source)[1] if self.evaluate else {}
             if not self.evaluate and inputs:
                 inputs[0](quantized)  # it runs, at least
         if rehearsal:
-            self._rehearse_artifact(quantized, inputs[0] if inputs else None)
+            self._rehearse_artifact(trainer, quantized, to_quantize, compared, source)
             return
         with _timed(stages, "time latency", announce=True):
             timed = inputs if self.evaluate else []
@@ -306,13 +320,15 @@ class DynamicQuantization(Callback):
         comparison.coverage = pipeline.coverage(to_quantize, names)
         results = self._results(comparison, headline)
         results.update(self._sparsity(trainer, float_model, quantized))
+        if copy_report.describe():
+            notes.append(copy_report.describe())
         if self.save_path is not None:
             with _timed(stages, "save artifact", announce=True):
-                size = self._save(trainer, quantized, inputs[0])
-            if size is not None:
-                results[report.SIZE_COMPRESSED] = size / 1e6
+                measured, lines = self._save(trainer, quantized, to_quantize, compared, headline)
+            results.update(measured)
+            notes += lines
         self.quantized_model, self.comparison, self.results = quantized, comparison, results
-        self.quantized_layers, self.stage_seconds = names, stages
+        self.quantized_layers, self.stage_seconds, self.kept_float = names, stages, refused
         report.log_to_loggers(trainer, results)
         for regression in comparison.regressions():
             rank_zero_warn(f"DynamicQuantization: {regression}.")
@@ -322,7 +338,7 @@ class DynamicQuantization(Callback):
                 self.dtype,
                 self.layer_sparsity,
                 self.baseline_accuracy,
-                self.save_path if self._writes_artifact(trainer) else None,
+                None,  # the artifact's lines are among the notes, once it was measured
                 self.kernel_choices,
                 headline=headline,
                 comparison=comparison,
@@ -332,23 +348,35 @@ class DynamicQuantization(Callback):
             )
         )
 
+    def _quantize(
+        self, model: nn.Module, dtype: torch.dtype, names: list[str], inputs: list[ModelInput], rehearsal: bool
+    ) -> nn.Module:
+        if self.sparse_kernels == "auto" and not rehearsal:
+            self.kernel_choices = choose_linear_kernels(model, inputs[0], dtype, names)
+            return build_with_kernels(model, self.kernel_choices, dtype, names)
+        return pipeline.quantize(model, dtype, names)
+
     # ------------------------------------------------------------------ pieces
     def _uses_validation_step(self, pl_module: nn.Module) -> bool:
         return self.metric is None and self.dataloader is None and evaluation.has_validation_step(pl_module)
 
     def _evaluate(
-        self, trainer: pl.Trainer, model: nn.Module, limit: int | None
+        self, trainer: pl.Trainer, model: nn.Module, source: Any = None
     ) -> tuple[list[ModelInput], dict[str, float]]:
-        """Metrics of ``model`` on the evaluation data (the first ``limit`` batches) and the inputs its forward got."""
+        """Metrics of ``model`` on the evaluation data (``source``: the varied batches of the rehearsal; ``None``:
+        all of it) and the inputs its forward got."""
         if self._uses_validation_step(model):
-            loaders = compat.raw_val_dataloaders(trainer)
-            return capture_inputs(
-                model,
-                lambda: evaluation.validate(model, loaders, limit if limit is not None else 1.0),
-                LATENCY_BATCHES,
-            )
-        batches = list(itertools.islice(self._batches(trainer), limit)) if limit is not None else self._batches(trainer)
+            loaders = source if source is not None else compat.raw_val_dataloaders(trainer)
+            return capture_inputs(model, lambda: evaluation.validate(model, loaders), LATENCY_BATCHES)
+        batches = source if source is not None else self._batches(trainer)
         return capture_inputs(model, lambda: {"accuracy": self._metric_value(model, batches)}, LATENCY_BATCHES)
+
+    def _varied_source(self, trainer: pl.Trainer) -> Any:
+        """The first, the last and the differently shaped batches of each evaluation loader
+        (:func:`lightning_compress.rehearsal.varied_batches`), in the form :meth:`_evaluate` takes."""
+        if self._uses_validation_step(trainer.lightning_module):
+            return rehearsal.varied_loaders(compat.raw_val_dataloaders(trainer))
+        return rehearsal.Batches(self._batches(trainer, varied=True))
 
     def _metric_value(self, model: nn.Module, batches: Iterable[Any]) -> float:
         batches = iter(batches)
@@ -374,14 +402,15 @@ class DynamicQuantization(Callback):
                 f"{tuple(output.shape)}) and the batch's target ({_describe(y)}): {error}. Pass `metric=` that fits."
             ) from error
 
-    def _batches(self, trainer: pl.Trainer) -> Iterator[Any]:
-        """CPU batches of the evaluation data; the trainer's val data comes without a distributed sampler."""
+    def _batches(self, trainer: pl.Trainer, varied: bool = False) -> Iterator[Any]:
+        """CPU batches of the evaluation data (with ``varied``, those of :func:`rehearsal.varied_batches`); the
+        trainer's val data comes without a distributed sampler."""
         source = self.dataloader if self.dataloader is not None else compat.raw_val_dataloaders(trainer)
         is_loaders = isinstance(source, (list, tuple)) and source and all(isinstance(s, DataLoader) for s in source)
         loaders = source if is_loaders else [source]
         empty = True
         for loader in loaders:
-            for batch in loader:
+            for batch in rehearsal.varied_batches(loader) if varied else loader:
                 empty = False
                 yield measure.to_device(batch, torch.device("cpu"))
         if empty:
@@ -404,36 +433,95 @@ class DynamicQuantization(Callback):
         candidates += [k for k in before if "acc" in k]
         return next((c for c in candidates if c in before), None)
 
-    def _rehearse_artifact(self, quantized: nn.Module, example: ModelInput | None) -> None:
-        if self.save_path is not None:
-            folder = os.path.dirname(os.path.abspath(self.save_path))
-            try:
-                os.makedirs(folder, exist_ok=True)
-                with tempfile.NamedTemporaryFile(dir=folder):
-                    pass
-            except OSError as error:
-                raise ValueError(f"`save_path={self.save_path!r}`: its folder cannot be written ({error})") from error
-        if example is None or self.save_path is None:
+    def _rehearse_artifact(
+        self, trainer: pl.Trainer, quantized: nn.Module, reference: nn.Module, inputs: list[ModelInput], source: Any
+    ) -> None:
+        if self.save_path is None:
+            return
+        folder = os.path.dirname(os.path.abspath(self.save_path))
+        try:
+            os.makedirs(folder, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder):
+                pass
+        except OSError as error:
+            raise ValueError(f"`save_path={self.save_path!r}`: its folder cannot be written ({error})") from error
+        if not inputs:
             return
         with tempfile.TemporaryDirectory() as scratch:
-            path = os.path.join(scratch, "rehearsal")
-            if self.compress:
-                save_compressed(quantized, example, path, dtype=self.dtype)
-            else:
-                save_quantized(quantized, example, path, dtype=self.dtype)
+            write_verified(
+                quantized,
+                os.path.join(scratch, "rehearsal"),
+                inputs,
+                compress=self.compress,
+                reference=reference,
+                metadata={"dtype": self.dtype},
+                measure=self._artifact_measure(trainer, quantized, source),
+            )
 
     def _writes_artifact(self, trainer: pl.Trainer) -> bool:
         # As Lightning's own checkpointing: nothing is written by a fast_dev_run or while sanity checking.
         return self.save_path is not None and not trainer.fast_dev_run and not trainer.sanity_checking
 
-    def _save(self, trainer: pl.Trainer, quantized: nn.Module, example: ModelInput) -> int | None:
+    def _save(
+        self,
+        trainer: pl.Trainer,
+        quantized: nn.Module,
+        reference: nn.Module,
+        inputs: list[ModelInput],
+        headline: str | None,
+    ) -> tuple[dict[str, float], list[str]]:
+        """Write the artifact, measured (:func:`lightning_compress.artifact.write_verified`); its figures and the
+        summary's lines about it. When no form reproduces the model, nothing is written and it says so."""
         if not self._writes_artifact(trainer):
             rank_zero_info(f"DynamicQuantization: fast_dev_run, so no artifact is written to {self.save_path}")
-            return None
+            return {}, []
+        try:
+            written = write_verified(
+                quantized,
+                self.save_path,
+                inputs,
+                compress=self.compress,
+                reference=reference,
+                metadata={"dtype": self.dtype},
+                measure=self._artifact_measure(trainer, quantized, None if self.evaluate else inputs),
+            )
+        except ArtifactMismatch as error:
+            rank_zero_warn(
+                f"DynamicQuantization: no artifact was written to {self.save_path}: {error}. Every figure of the "
+                "quantized model is measured and logged as usual, and `quantized_model` holds it."
+            )
+            return {}, [f"artifact: none written to {self.save_path} (no form reproduced the model; see the warning)"]
+        metrics = written.measured if self.evaluate and written.calls else {}
+        results = {f"quantization/{name}_artifact": value for name, value in metrics.items()}
+        if headline in metrics:
+            results[report.ACCURACY_ARTIFACT] = metrics[headline]
         if self.compress:
-            return save_compressed(quantized, example, self.save_path, dtype=self.dtype)
-        save_quantized(quantized, example, self.save_path, dtype=self.dtype)
-        return None
+            results[report.SIZE_COMPRESSED] = written.size / 1e6
+        return results, report_artifact(self.save_path, written, metrics, headline, self.evaluate)
+
+    def _artifact_measure(
+        self, trainer: pl.Trainer, quantized: nn.Module, source: Any
+    ) -> Callable[[CheckedArtifact], dict[str, float]] | None:
+        """How to evaluate the artifact as ``_after`` is evaluated: the module's own validation (or the metric)
+        run with the artifact in place of the quantized model's forward."""
+        if not self.evaluate:
+            return None
+        if self._uses_validation_step(quantized):
+            loaders = source if source is not None else compat.raw_val_dataloaders(trainer)
+
+            def validate(checked: CheckedArtifact) -> dict[str, float]:
+                # a shallow copy (same layers) runs the artifact; the quantized model stays what it is compared with
+                runner = copy.copy(quantized)
+                with _forward_replaced(runner, checked):
+                    return evaluation.validate(runner, loaders)
+
+            return validate
+
+        def metric(checked: CheckedArtifact) -> dict[str, float]:
+            batches = source if source is not None else self._batches(trainer)
+            return {"accuracy": self._metric_value(_Calling(checked), batches)}
+
+        return metric
 
     def _results(self, comparison: pipeline.Comparison, headline: str | None) -> dict[str, float]:
         results: dict[str, float] = {}
@@ -477,6 +565,59 @@ def _timed(stages: dict[str, float], stage: str, announce: bool = False) -> Iter
         yield
     finally:
         stages[stage] = stages.get(stage, 0.0) + time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def _forward_replaced(module: nn.Module, forward: Callable[..., Any]) -> Iterator[None]:
+    """``module(...)`` runs ``forward`` for a while (its hooks, its ``validation_step`` unchanged)."""
+    module.__dict__["forward"] = forward
+    try:
+        yield
+    finally:
+        del module.__dict__["forward"]
+
+
+class _Calling(nn.Module):
+    """A module whose forward is a given callable (an artifact, called as the model is)."""
+
+    def __init__(self, call: Callable[..., Any]) -> None:
+        super().__init__()
+        self.call = call
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.call(*args, **kwargs)
+
+
+def report_artifact(
+    path: str, written: Written, metrics: dict[str, float], headline: str | None, evaluated: bool
+) -> list[str]:
+    """The summary's lines about a written artifact: what it is, how it was measured, and what was not kept."""
+    lines = [
+        f"artifact: {path} ({written.form} form, {written.size / 1e6:.3f} MB), reloaded from disk and compared with "
+        f"the quantized model on {len(written.compared)} input shape(s)"
+    ]
+    if metrics:
+        ordered = sorted(metrics, key=lambda name: name != headline)
+        lines.append(
+            "artifact measured by the module's validation: "
+            + ", ".join(f"{name} {metrics[name]:.4f}" for name in ordered)
+        )
+    elif evaluated:
+        lines.append(
+            "artifact: its metrics were not measured, as validation never calls forward (self(...)); compared on "
+            "example_input_array only"
+        )
+    for form, reason in written.rejected.items():
+        lines.append(f"artifact: the {form} form was not kept: {reason[:300]}")
+    return lines
+
+
+def _without(names: list[str], refused: dict[str, str]) -> list[str]:
+    kept = [name for name in names if name not in refused]
+    if not kept:
+        reasons = "; ".join(f"{name}: {reason}" for name, reason in refused.items())
+        raise ValueError(f"DynamicQuantization would quantize nothing: the backend cannot take {reasons}")
+    return kept
 
 
 def _shape_changes(before: nn.Module, after: nn.Module) -> list[str]:

@@ -34,6 +34,7 @@ def log_to_loggers(trainer: pl.Trainer, metrics: Mapping[str, float]) -> None:
 
 ACCURACY_BEFORE = "quantization/accuracy_before"
 ACCURACY_AFTER = "quantization/accuracy_after"
+ACCURACY_ARTIFACT = "quantization/accuracy_artifact"
 SIZE_BEFORE = "quantization/size_mb_before"
 SIZE_AFTER = "quantization/size_mb_after"
 LATENCY_BEFORE = "quantization/latency_ms_before"

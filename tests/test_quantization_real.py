@@ -165,7 +165,7 @@ def test_two_input_model(quiet_trainer_kwargs, tmp_path, run_in_fresh_process):
     assert quant.results["quantization/accuracy_after"] == quant.results["quantization/val_acc_after"]
     x = torch.rand(5, 64)
     brightness = x.mean(dim=1, keepdim=True)
-    loaded = run_in_fresh_process("load_quantized", tmp_path / "two.lcz", {"input_0": x, "brightness": brightness})
+    loaded = run_in_fresh_process("load_quantized", tmp_path / "two.lcz", {"pixels": x, "brightness": brightness})
     assert torch.equal(loaded, quant.quantized_model(x, brightness=brightness))
 
 
