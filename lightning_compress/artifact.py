@@ -234,16 +234,16 @@ def _check_traceable_outputs(output: Any, path: str = "") -> None:
         for i, value in enumerate(output):
             _check_traceable_outputs(value, f"{path}[{i}]")
     elif not isinstance(output, Tensor):
-        what = f"the model's output {path or ''}".rstrip()
+        what = f"the model returns {path!r} as {_kind(output)}" if path else f"the model returns {_kind(output)}"
         if "cache" in type(output).__name__.lower() or "past_key_values" in path:
             raise FormError(
-                f"{what} is a {type(output).__name__}, the model's cache of past keys and values, which an artifact "
-                "cannot return. Turn the cache off: `config.use_cache=False` on the model (e.g. "
-                "`self.model.config.use_cache = False`), or pass `use_cache=False` to it in forward"
+                f"{what}, its cache of past keys and values, which an artifact cannot return. Turn the cache off: "
+                "`config.use_cache=False` on the model (e.g. `self.model.config.use_cache = False`), or pass "
+                "`use_cache=False` to it in forward"
             )
         raise FormError(
-            f"{what} is {_kind(output)}; an artifact returns tensors, and tuples, lists and dicts of them. Return "
-            "a tensor (e.g. torch.tensor(value)) or leave it out of forward's output"
+            f"{what}; an artifact returns tensors, and tuples, lists and dicts of them. Return a tensor (e.g. "
+            "torch.tensor(value)) or leave it out of forward's output"
         )
 
 

@@ -13,7 +13,7 @@ import contextlib
 import os
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -82,18 +82,33 @@ def quantize_dynamic_copy(
 
 
 def known_refusals(model: nn.Module, names: list[str]) -> dict[str, str]:
-    """The named layers this backend is known not to quantize correctly, with the reason (checked without running).
+    """The named layers this backend is known not to take, with the reason (checked without running anything).
 
-    ``nn.LSTM(proj_size=...)``: torch.ao's dynamic LSTM packs ``weight_hr`` as if it were square and fails at the
-    first call ("The number of rows in the packB should be equal to K").
+    torch.ao's dynamic RNNs need biases (``bias=False`` fails its conversion: "mod.bias must be True"), and its
+    dynamic LSTM has no projection (``proj_size`` fails at the first call: "The number of rows in the packB
+    should be equal to K").
     """
     modules = dict(model.named_modules())
     refused = {}
     for name in names:
         module = modules[name]
-        if isinstance(module, nn.LSTM) and module.proj_size > 0:
+        if isinstance(module, (nn.RNNBase, nn.RNNCellBase)) and not module.bias:
+            refused[name] = f"{type(module).__name__} with bias=False: torch.ao's dynamic RNN layers need biases"
+        elif isinstance(module, nn.LSTM) and module.proj_size > 0:
             refused[name] = f"LSTM with proj_size={module.proj_size}: torch.ao's dynamic LSTM has no projection"
     return refused
+
+
+def unconvertible_layers(model: nn.Module, names: list[str], dtype: torch.dtype) -> dict[str, str]:
+    """The named layers that the backend fails to convert, each tried alone, with a short reason."""
+    modules = dict(model.named_modules())
+    failing = {}
+    for name in names:
+        try:
+            quantize_dynamic_copy(nn.Sequential(modules[name]), dtype, {type(modules[name])})
+        except Exception as error:
+            failing[name] = f"the backend cannot convert it ({_short(error)})"
+    return failing
 
 
 def failing_layers(float_model: nn.Module, quantized: nn.Module, names: list[str], example: Any) -> dict[str, str]:
@@ -122,6 +137,45 @@ def failing_layers(float_model: nn.Module, quantized: nn.Module, names: list[str
             try:
                 quantized.get_submodule(name)(*args, **kwargs)
             except Exception as error:
-                first_line = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
-                failing[name] = f"its quantized form fails on its input ({type(error).__name__}: {first_line})"
+                failing[name] = f"its quantized form fails on its input ({_short(error)})"
     return failing
+
+
+def _short(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:160]}" if lines else type(error).__name__
+
+
+@contextlib.contextmanager
+def naming_the_failing_layer(model: nn.Module, names: list[str]) -> Iterator[None]:
+    """Run the body; when it raises inside one of the named (quantized) layers of ``model``, raise a
+    ``ValueError`` that names the innermost one and how to leave it in float (``exclude=``)."""
+    active: list[str] = []
+    modules = dict(model.named_modules())
+    handles = []
+
+    def entered(name: str) -> Callable[..., None]:
+        def hook(*_: Any) -> None:
+            active.append(name)
+
+        return hook
+
+    def left(*_: Any) -> None:  # a forward hook that returns nothing leaves the output as it is
+        active.pop()
+
+    for name in names:
+        handles.append(modules[name].register_forward_pre_hook(entered(name)))
+        handles.append(modules[name].register_forward_hook(left))
+    try:
+        yield
+    except Exception as error:
+        if not active:
+            raise
+        name = active[-1]
+        raise ValueError(
+            f"the quantized layer {name!r} ({type(modules[name]).__name__}) fails on its input ({_short(error)}). "
+            f"Leave it in float with DynamicQuantization(exclude=[{name!r}])"
+        ) from error
+    finally:
+        for handle in handles:
+            handle.remove()

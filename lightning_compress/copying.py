@@ -126,8 +126,7 @@ class Copier:
 
     def _share_uncopyable_attributes(self, module: nn.Module, names: dict[nn.Module, str], memo: dict) -> None:
         for m in module.modules():
-            state = m.__getstate__() if hasattr(m, "__getstate__") else m.__dict__
-            for attr, value in (state if isinstance(state, dict) else m.__dict__).items():
+            for attr, value in _state(m).items():
                 if attr in _MODULE_INTERNALS or isinstance(value, _ATOMIC) or id(value) in memo:
                     continue
                 if isinstance(value, (Dataset, DataLoader)) or _is_datamodule(value):
@@ -138,6 +137,16 @@ class Copier:
                 elif not _copied_into(value, memo):
                     memo[id(value)] = value
                     self.report.shared.append(f"{_owner_name(names, m, attr)} ({type(value).__name__})")
+
+
+def _state(module: nn.Module) -> dict[str, Any]:
+    """What deepcopy copies of a module: its ``__getstate__`` (a LightningModule leaves out its trainer), or its
+    ``__dict__`` (a parametrized module's ``__getstate__`` refuses, and its ``__deepcopy__`` copies the dict)."""
+    try:
+        state = module.__getstate__()
+    except Exception:
+        state = None
+    return state if isinstance(state, dict) else module.__dict__
 
 
 def _copied_into(value: Any, memo: dict[int, Any]) -> bool:
@@ -164,6 +173,7 @@ def fold_reparametrizations(model: nn.Module, report: CopyReport | None = None) 
     for name, m in model.named_modules():
         prefix = f"{name}." if name else ""
         if parametrize.is_parametrized(m):
+            _own_class(m)
             for tensor in list(m.parametrizations):
                 _fold(
                     f"{prefix}{tensor}",
@@ -189,10 +199,18 @@ def fold_reparametrizations(model: nn.Module, report: CopyReport | None = None) 
     return folded
 
 
+def _own_class(module: nn.Module) -> None:
+    """Give a parametrized module a class of its own. ``parametrize`` injects one class per module, whose
+    properties compute the parametrized tensors, and a deep copy keeps that class: removing a parametrization
+    from the copy (which deletes the property from the class) would break the original."""
+    cls = type(module)
+    namespace = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, namespace)
+
+
 def _fold(name: str, remover: str, fold: Callable[[], Any]) -> None:
     try:
-        with torch.no_grad():
-            fold()
+        fold()  # not under no_grad: parametrize would then register the folded weight as a buffer
     except Exception as error:
         raise ValueError(
             f"the weight {name!r} is reparametrized, and folding it into a plain weight on the float copy failed "
@@ -233,7 +251,8 @@ def _is_tool_hook(hook: Any) -> bool:
 
 def _hook_name(hook: Any) -> str:
     function = _hook_function(hook)
-    return getattr(function, "__qualname__", None) or type(function).__qualname__
+    name = getattr(function, "__qualname__", None) or type(function).__qualname__
+    return ".".join(name.split("<locals>.")[-1].split(".")[-2:])  # Class.method, without where it was defined
 
 
 def _owner_name(names: dict[nn.Module, str], module: nn.Module, attribute: str | None = None) -> str:

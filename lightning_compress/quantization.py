@@ -295,18 +295,16 @@ class DynamicQuantization(Callback):
                 "shrink: sparsity in the quantized column is over the shrunk weights (removed channels are gone)"
             )
         with _timed(stages, "quantize", announce=not rehearsal):
-            quantized = self._quantize(to_quantize, dtype, names, inputs, rehearsal)
-            failing = backends.failing_layers(to_quantize, quantized, names, inputs[0]) if inputs else {}
-            if failing:  # left in float, as those the backend is known not to take
-                refused.update(failing)
-                names = _without(names, failing)
-                quantized = self._quantize(to_quantize, dtype, names, inputs, rehearsal)
+            quantized, names = self._quantize_what_it_takes(to_quantize, dtype, names, inputs, rehearsal, refused)
         notes += [f"{name} stays float: {reason}" for name, reason in refused.items()]
         if rehearsal:
             for line in [*notes, copy_report.describe()]:
                 if line:
                     rank_zero_info(f"DynamicQuantization: {line}")
-        with _timed(stages, "evaluate quantized", announce=not rehearsal):
+        with (
+            _timed(stages, "evaluate quantized", announce=not rehearsal),
+            backends.naming_the_failing_layer(quantized, names),
+        ):
             after = self._evaluate(trainer, quantized, source)[1] if self.evaluate else {}
             if not self.evaluate and inputs:
                 inputs[0](quantized)  # it runs, at least
@@ -347,6 +345,33 @@ class DynamicQuantization(Callback):
                 + [line for c in trainer.callbacks if isinstance(c, SummaryLines) for line in c.summary_lines()],
             )
         )
+
+    def _quantize_what_it_takes(
+        self,
+        model: nn.Module,
+        dtype: torch.dtype,
+        names: list[str],
+        inputs: list[ModelInput],
+        rehearsal: bool,
+        refused: dict[str, str],
+    ) -> tuple[nn.Module, list[str]]:
+        """The quantized model, with the layers the backend cannot convert, or whose quantized form fails on its
+        real input, left in float (added to ``refused`` with the reason); and the names of those quantized."""
+        try:
+            quantized = self._quantize(model, dtype, names, inputs, rehearsal)
+        except Exception:
+            failing = backends.unconvertible_layers(model, names, dtype)
+            if not failing:
+                raise
+            refused.update(failing)
+            names = _without(names, failing)
+            quantized = self._quantize(model, dtype, names, inputs, rehearsal)
+        failing = backends.failing_layers(model, quantized, names, inputs[0]) if inputs else {}
+        if failing:
+            refused.update(failing)
+            names = _without(names, failing)
+            quantized = self._quantize(model, dtype, names, inputs, rehearsal)
+        return quantized, names
 
     def _quantize(
         self, model: nn.Module, dtype: torch.dtype, names: list[str], inputs: list[ModelInput], rehearsal: bool
