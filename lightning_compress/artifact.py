@@ -44,7 +44,13 @@ from lightning_compress.backends import torch_internal_warnings_silenced
 from lightning_compress.compressed import DEFAULT_MAX_BYTES
 from lightning_compress.headers import ArtifactError
 from lightning_compress.inputs import ModelInput, forward_adapter, named_inputs, plain_outputs
-from lightning_compress.verification import ArtifactMismatch, CheckedArtifact, Reference, short_error
+from lightning_compress.verification import (
+    ArtifactMismatch,
+    CheckedArtifact,
+    Reference,
+    UnsupportedCall,
+    short_error,
+)
 
 FORMAT = "lightning_compress.quantized"
 VERSION = 2
@@ -203,7 +209,21 @@ def artifact_call(model: nn.Module, artifact: Callable[..., Any], form: str) -> 
     if form == "script":
         return lambda inputs: inputs(artifact)
     forward = model.forward  # the model's own, read now
-    return lambda inputs: artifact(**named_inputs(forward, inputs))
+    takes = set(_input_names(artifact))
+
+    def call(inputs: ModelInput) -> Any:
+        named = named_inputs(forward, inputs)
+        for name, value in named.items():
+            if name not in takes:
+                if not _only_tensors(value):
+                    raise UnsupportedCall(_non_tensor_input(name, value))
+                raise UnsupportedCall(
+                    f"forward's input {name!r} was not among the inputs the trace was made with. Set "
+                    "`example_input_array` to inputs that include it (a dict of keyword inputs, for instance)"
+                )
+        return artifact(**named)
+
+    return call
 
 
 def _reference(model: nn.Module | None, form: str, example: ModelInput) -> Reference | None:
@@ -219,11 +239,15 @@ def _reference(model: nn.Module | None, form: str, example: ModelInput) -> Refer
 def _check_traceable_inputs(named: dict[str, Any]) -> None:
     for name, value in named.items():
         if not _only_tensors(value):
-            raise FormError(
-                f"forward's input {name!r} is {_kind(value)}, and a traced artifact takes tensors only. Leave it "
-                "at its default in the calls, pass it as a tensor, or set `example_input_array` to a dict of the "
-                "tensor inputs (e.g. {'x': ...}) and call forward with those"
-            )
+            raise FormError(_non_tensor_input(name, value))
+
+
+def _non_tensor_input(name: str, value: Any) -> str:
+    return (
+        f"forward's input {name!r} is {_kind(value)}, and a traced artifact takes tensors only. Leave it at its "
+        "default in the calls, pass it as a tensor, or set `example_input_array` to a dict of the tensor inputs "
+        "(e.g. {'x': ...}) and call forward with those"
+    )
 
 
 def _check_traceable_outputs(output: Any, path: str = "") -> None:

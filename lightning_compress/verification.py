@@ -40,6 +40,10 @@ class ArtifactMismatch(RuntimeError):
     """The artifact does not reproduce its model on an input; the message names the input's shapes and how."""
 
 
+class UnsupportedCall(RuntimeError):
+    """The artifact cannot take a call the model takes; the message names the input and the fix."""
+
+
 Call = Callable[[ModelInput], Any]
 
 
@@ -71,6 +75,8 @@ def compare(model: nn.Module, artifact: Call, inputs: ModelInput, reference: Ref
         expected = plain_outputs(raw)
         try:
             actual = plain_outputs(artifact(inputs))
+        except UnsupportedCall as error:
+            return Comparison(f"on inputs {where}: {error}", raw)
         except Exception as error:
             return Comparison(f"it raises on inputs {where} ({short_error(error)})", raw)
     differences = _differences(expected, actual)
