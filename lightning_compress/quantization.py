@@ -2,7 +2,8 @@
 
 The work is done by plain functions (:mod:`lightning_compress.pipeline`, :mod:`lightning_compress.evaluation`,
 :mod:`lightning_compress.artifact`); this callback decides when, on which rank and with which data, rehearses the
-whole path on one batch before training, and logs what it measured.
+whole path before training on the validation batches that vary (:mod:`lightning_compress.rehearsal`), and logs
+what it measured. Neither changes what training computes (:mod:`lightning_compress.isolation`).
 """
 
 from __future__ import annotations
@@ -51,11 +52,15 @@ class DynamicQuantization(Callback):
 
     Weights of the supported layers are quantized ahead of time (int8 or float16); activations are quantized on
     the fly inside those layers. Runs in ``on_fit_end``, after ``MagnitudePruning`` made its masks permanent, on
-    rank zero, on the CPU, on a float32 copy without ``torch.compile`` wrappers. The LightningModule itself stays as
-    it is and trainable; the quantized copy is ``quantized_model``. Before the first training step the whole path
-    is rehearsed on one batch (copy, quantize, evaluate, trace, reload, check ``save_path``'s folder), so what
-    would fail at the end of fit fails at the start. Under ``ModelParallelStrategy`` with FSDP2, every rank takes
-    part in gathering the full state dict, and the copy is a plain, unsharded module holding it.
+    rank zero, on the CPU, on a float32 copy (:mod:`lightning_compress.copying`: without ``torch.compile``
+    wrappers, other tools' hooks or reparametrizations; what cannot be copied is shared). The LightningModule
+    itself stays as it is and trainable; the quantized copy is ``quantized_model``; layers the backend cannot take
+    stay float, with the reason in ``kept_float`` and the summary. Before the first training step the whole path
+    is rehearsed on the first, the last and the differently shaped validation batches (copy, quantize, evaluate,
+    write the artifact, reload and measure it, check ``save_path``'s folder), so what would fail at the end of fit
+    fails at the start. Random generators, modes and the trainer's metrics are restored around all of it. Under
+    ``ModelParallelStrategy`` with FSDP2, every rank takes part in gathering the full state dict, and the copy is a
+    plain, unsharded module holding it.
 
     Evaluation: when the module has a ``validation_step`` (and neither ``metric`` nor ``dataloader`` is given), the
     float and the quantized copy are evaluated with it on the validation data, through Lightning, and every metric
@@ -71,7 +76,9 @@ class DynamicQuantization(Callback):
         dataloader: evaluation batches ``(input, target)`` (a DataLoader, a list of batches, any iterable) for the
             ``(input, target)`` path; default: the trainer's validation dataloader(s), the full set also under DDP.
         save_path: write a standalone artifact there (see :func:`lightning_compress.load_quantized`), called as the
-            module's forward is called.
+            module's forward is called. It is written only if, reloaded from disk, it reproduces ``quantized_model``
+            on every validation input signature (see :func:`lightning_compress.artifact.write_verified`: a trace,
+            else a script); otherwise nothing is left there and a warning names the input that differs.
         baseline_accuracy: optional accuracy of a reference model measured elsewhere, shown in the summary table.
         compress: write ``save_path`` in the compressed format (see :mod:`lightning_compress.compressed`).
         sparse_kernels: ``"auto"``: for each quantizable Linear, time quantized dense, fp32 sparse (CSR) and fp32
@@ -93,7 +100,9 @@ class DynamicQuantization(Callback):
     parameters in quantized layers), ``quantization/size_mb_compressed`` (with ``compress=True``),
     ``quantization/kernel_speedup/<layer>`` (with ``sparse_kernels="auto"``), and ``quantization/sparsity_before``
     / ``quantization/sparsity_after`` (zeros in the float and the quantized weights) over the parameters that a
-    pruning callback reports (:class:`lightning_compress.protocols.PruningCallback`).
+    pruning callback reports (:class:`lightning_compress.protocols.PruningCallback`). With ``save_path``, the
+    artifact reloaded from disk and evaluated as ``_after`` is: ``quantization/<metric>_artifact`` for each
+    metric and ``quantization/accuracy_artifact`` (the headline metric).
     """
 
     def __init__(
