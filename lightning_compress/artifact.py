@@ -227,13 +227,18 @@ def artifact_call(model: nn.Module, artifact: Callable[..., Any], form: str) -> 
 
 
 def _reference(model: nn.Module | None, form: str, example: ModelInput) -> Reference | None:
+    """The float model and the same form of it, made the first time a comparison needs it (most never do: the
+    artifact usually gives exactly the quantized model's outputs)."""
     if model is None:
         return None
-    try:
-        scripted = make_form(model, form, example)
-    except FormError:
-        return None
-    return Reference(model, artifact_call(model, scripted, form))
+    made: list[Callable[[ModelInput], Any]] = []
+
+    def call(inputs: ModelInput) -> Any:
+        if not made:
+            made.append(artifact_call(model, make_form(model, form, example), form))
+        return made[0](inputs)
+
+    return Reference(model, call)
 
 
 def _check_traceable_inputs(named: dict[str, Any]) -> None:
