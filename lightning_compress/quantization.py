@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_compress import backends, compat, evaluation, isolation, measure, pipeline, rehearsal, report, sharding
-from lightning_compress.artifact import Written, write_verified
+from lightning_compress.artifact import write_verified
 from lightning_compress.backends import DTYPES, SUPPORTED_MODULES
 from lightning_compress.copying import CopyReport
 from lightning_compress.inputs import ModelInput, capture_inputs
@@ -517,7 +517,7 @@ class DynamicQuantization(Callback):
                 compress=self.compress,
                 reference=reference,
                 metadata={"dtype": self.dtype},
-                measure=self._artifact_measure(trainer, quantized, None if self.evaluate else inputs),
+                measure=self._artifact_measure(trainer, quantized, None),
             )
         except ArtifactMismatch as error:
             rank_zero_warn(
@@ -531,7 +531,7 @@ class DynamicQuantization(Callback):
             results[report.ACCURACY_ARTIFACT] = metrics[headline]
         if self.compress:
             results[report.SIZE_COMPRESSED] = written.size / 1e6
-        return results, report_artifact(self.save_path, written, metrics, headline, self.evaluate)
+        return results, report.artifact_lines(self.save_path, written, metrics, headline, self.evaluate)
 
     def _artifact_measure(
         self, trainer: pl.Trainer, quantized: nn.Module, source: Any
@@ -620,30 +620,6 @@ class _Calling(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.call(*args, **kwargs)
-
-
-def report_artifact(
-    path: str, written: Written, metrics: dict[str, float], headline: str | None, evaluated: bool
-) -> list[str]:
-    """The summary's lines about a written artifact: what it is, how it was measured, and what was not kept."""
-    lines = [
-        f"artifact: {path} ({written.form} form, {written.size / 1e6:.3f} MB), reloaded from disk and compared with "
-        f"the quantized model on {len(written.compared)} input shape(s)"
-    ]
-    if metrics:
-        ordered = sorted(metrics, key=lambda name: name != headline)
-        lines.append(
-            "artifact measured by the module's validation: "
-            + ", ".join(f"{name} {metrics[name]:.4f}" for name in ordered)
-        )
-    elif evaluated:
-        lines.append(
-            "artifact: its metrics were not measured, as validation never calls forward (self(...)); compared on "
-            "example_input_array only"
-        )
-    for form, reason in written.rejected.items():
-        lines.append(f"artifact: the {form} form was not kept: {reason[:300]}")
-    return lines
 
 
 def _without(names: list[str], refused: dict[str, str]) -> list[str]:

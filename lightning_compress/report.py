@@ -133,6 +133,32 @@ def summary_table(
     return "\n".join(lines)
 
 
+def artifact_lines(
+    path: str, written: Any, metrics: Mapping[str, float], headline: str | None, evaluated: bool
+) -> list[str]:
+    """The summary's lines about an artifact that was written and measured (``written``: a
+    :class:`lightning_compress.artifact.Written`): its form and size, on how many input shapes it was compared,
+    its metrics, and why an earlier form was not kept."""
+    lines = [
+        f"artifact: {path} ({written.form} form, {written.size / 1e6:.3f} MB), reloaded from disk and compared with "
+        f"the quantized model on {len(written.compared)} input shape(s)"
+    ]
+    if metrics:
+        ordered = sorted(metrics, key=lambda name: name != headline)
+        lines.append(
+            "artifact measured as the quantized model was: "
+            + ", ".join(f"{name} {metrics[name]:.4f}" for name in ordered)
+        )
+    elif evaluated:
+        lines.append(
+            "artifact: its metrics were not measured, as validation never calls forward (self(...)); it was "
+            "compared on example_input_array only"
+        )
+    for form, reason in written.rejected.items():
+        lines.append(f"artifact: the {form} form was not kept: {reason[:300]}")
+    return lines
+
+
 def _metric_names(results: Mapping[str, float]) -> list[str]:
     """Names ``m`` of the ``quantization/<m>_before`` metrics that are not one of the fixed keys."""
     fixed = {ACCURACY_BEFORE, SIZE_BEFORE, LATENCY_BEFORE, SPARSITY_BEFORE}

@@ -270,6 +270,8 @@ def test_a_forward_never_called_in_validation_needs_example_input_array(quiet_tr
     quant = DynamicQuantization(save_path=tmp_path / "m.ts")
     _fit(quiet_trainer_kwargs, [quant], model, datamodule=DigitsDataModule())
     assert (tmp_path / "m.ts").exists() and "quantization/val_loss_after" in quant.results
+    # validation never called forward, so never the artifact: no figure claims to be the artifact's
+    assert not any(key.endswith("_artifact") for key in quant.results)
 
 
 # ---------------------------------------------------------------------------------------------- Lightning conventions
