@@ -32,6 +32,7 @@ import io
 import json
 import os
 import tempfile
+import uuid
 import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, BinaryIO
@@ -133,14 +134,17 @@ def write_verified(
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     metadata = dict(metadata or {})
+    problem = headers.scalar_problem(metadata, "metadata")
+    if problem or not inputs:
+        raise ValueError(problem or "write_verified needs at least one input to trace and compare the model on")
     rejected: dict[str, str] = {}
     for form in forms:
-        handle, scratch = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-        os.close(handle)
+        # beside `path`, so that the rename is atomic; created as `open` creates files (the umask's permissions)
+        scratch = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
         try:
             archive, _ = make_archive(model, form, inputs[0], metadata)
             data = compressed.encode(archive, {**metadata, "form": form}) if compress else archive
-            with open(scratch, "wb") as f:
+            with open(scratch, "xb") as f:
                 f.write(data)
             loaded = load_quantized(scratch, max_bytes=_UNBOUNDED)
             checked = CheckedArtifact(model, artifact_call(model, loaded, form), _reference(reference, form, inputs[0]))

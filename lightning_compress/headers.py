@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 #: Largest JSON header we read, in bytes (ours are a few hundred).
@@ -86,16 +86,15 @@ def scalar_problem(mapping: Any, field: str) -> str | None:
     return None
 
 
-def field_problem(header: dict[str, Any], required: Mapping[str, Any], optional: Mapping[str, Any] = {}) -> str | None:  # noqa: B006
-    """Why ``header`` does not have exactly the fields ``required`` (plus those of ``optional`` it may hold), each
-    passing its check (a predicate), or ``None``."""
-    missing = [name for name in required if name not in header]
+def field_problem(header: dict[str, Any], fields: Mapping[str, Callable[[Any], bool]]) -> str | None:
+    """Why ``header`` does not have exactly ``fields``, each passing its check (a predicate), or ``None``."""
+    missing = [name for name in fields if name not in header]
     if missing:
         return f"its header lacks the field(s) {', '.join(map(repr, missing))}"
-    extra = [name for name in header if name not in required and name not in optional]
+    extra = [name for name in header if name not in fields]
     if extra:
         return f"its header has unknown field(s) {', '.join(describe(n) for n in extra[:5])}"
-    for name, check in {**required, **optional}.items():
-        if name in header and not check(header[name]):
+    for name, check in fields.items():
+        if not check(header[name]):
             return f"its field {name!r} is {describe(header[name])}"
     return None
