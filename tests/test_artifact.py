@@ -109,6 +109,24 @@ def test_when_no_form_reproduces_nothing_is_left_at_the_path_not_even_an_older_f
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_optional_input_given_on_some_calls_only_is_taken_by_the_script_form(tmp_path):
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 3)
+
+        def forward(self, x, mask: torch.Tensor | None = None):
+            return self.linear(x if mask is None else x * mask)
+
+    model = Masked().eval()
+    x = torch.randn(2, 4)
+    inputs = [ModelInput((x,)), ModelInput((x,), {"mask": torch.ones(2, 4)})]
+    written = write_verified(model, tmp_path / "m.ts", inputs)
+    assert written.form == "script" and "input 'mask' was not among the inputs the trace" in written.rejected["trace"]
+    loaded = load_quantized(tmp_path / "m.ts")
+    assert torch.equal(loaded(x), model(x)) and torch.equal(loaded(x, mask=x), model(x, mask=x))
+
+
 def test_non_tensor_inputs_at_their_default_are_left_out_and_others_are_named_with_the_fix(tmp_path):
     class Tempered(nn.Module):
         def __init__(self):

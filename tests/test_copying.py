@@ -44,15 +44,25 @@ def test_what_cannot_be_copied_is_shared_and_named_the_rest_copied(tmp_path):
     model.writer.close()
 
 
+class Symmetric(nn.Module):
+    """A user's own parametrization (torch's tutorial example)."""
+
+    def forward(self, weight):
+        return weight.triu() + weight.triu(1).transpose(-1, -2)
+
+
 def _reparametrized():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4), nn.Linear(4, 4))
+    model = nn.Sequential(
+        nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+    )
     prune.l1_unstructured(model[0], "weight", amount=0.5)
     prune.random_unstructured(model[0], "weight", amount=0.2)  # a PruningContainer
     parametrizations.weight_norm(model[2])
     with pytest.warns(FutureWarning):
         torch.nn.utils.weight_norm(model[4])  # the hook-based one
     parametrizations.spectral_norm(model[5])
+    parametrize.register_parametrization(model[6], "weight", Symmetric())
     return model.eval()
 
 
@@ -61,7 +71,8 @@ def test_reparametrizations_are_folded_into_plain_weights_on_the_copy_only():
     x = torch.randn(5, 8)
     report = CopyReport()
     copied, _ = pipeline.float_copy(model, report=report)
-    assert report.folded == ["0.weight", "2.weight", "4.weight", "5.weight"]
+    assert report.folded == ["0.weight", "2.weight", "4.weight", "5.weight", "6.weight"]
+    assert torch.equal(copied[6].weight, copied[6].weight.T)
     for layer in copied:
         assert not parametrize.is_parametrized(layer) and not layer._forward_pre_hooks
         assert all(name in ("weight", "bias") for name, _ in layer.named_parameters())
@@ -70,7 +81,7 @@ def test_reparametrizations_are_folded_into_plain_weights_on_the_copy_only():
     assert float((copied[0].weight == 0).float().mean()) == pytest.approx(0.6, abs=0.01)
     # the original keeps its reparametrizations
     assert hasattr(model[0], "weight_orig") and parametrize.is_parametrized(model[2]) and model[4]._forward_pre_hooks
-    quantized = pipeline.quantize(copied, torch.qint8, ["0", "2", "4", "5"])
+    quantized = pipeline.quantize(copied, torch.qint8, ["0", "2", "4", "5", "6"])
     assert torch.all(quantized[0].weight().dequantize()[copied[0].weight == 0] == 0)
 
 
