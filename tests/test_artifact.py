@@ -16,7 +16,7 @@ from torch import nn
 
 from lightning_compress import ArtifactError, load_quantized, save_compressed, save_quantized
 from lightning_compress.artifact import FORMAT, VERSION, make_archive, write_verified
-from lightning_compress.backends import quantize_dynamic_copy
+from lightning_compress.backends import quantize_dynamic_copy, torch_internal_warnings_silenced
 from lightning_compress.compressed import MAGIC
 from lightning_compress.inputs import ModelInput
 from lightning_compress.verification import ArtifactMismatch, Reference, compare
@@ -201,7 +201,8 @@ def test_artifacts_of_version_1_still_load(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- header fuzz
 _SCRIPTED_SOURCE = quantize_dynamic_copy(nn.Sequential(nn.Linear(4, 3)), torch.qint8, {nn.Linear})
-_SCRIPTED = torch.jit.script(_SCRIPTED_SOURCE)
+with torch_internal_warnings_silenced():
+    _SCRIPTED = torch.jit.script(_SCRIPTED_SOURCE)
 
 
 def _header_of(archive: bytes) -> dict:
@@ -221,7 +222,8 @@ def _valid_header():
 def _archive_with_header(header) -> bytes:
     raw = header if isinstance(header, bytes) else json.dumps(header).encode()
     buffer = io.BytesIO()
-    torch.jit.save(_SCRIPTED, buffer, _extra_files={"lightning_compress.json": raw})
+    with torch_internal_warnings_silenced():
+        torch.jit.save(_SCRIPTED, buffer, _extra_files={"lightning_compress.json": raw})
     return buffer.getvalue()
 
 
