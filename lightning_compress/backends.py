@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lightning_compress.copying import Copier
+from lightning_compress.verification import short_error
 
 #: Float module types that dynamic quantization replaces, and nothing else: activations are quantized on the
 #: fly inside these layers, so there is no separate module to quantize (ReLU, Conv2d... have no dynamic form).
@@ -107,7 +108,7 @@ def unconvertible_layers(model: nn.Module, names: list[str], dtype: torch.dtype)
         try:
             quantize_dynamic_copy(nn.Sequential(modules[name]), dtype, {type(modules[name])})
         except Exception as error:
-            failing[name] = f"the backend cannot convert it ({_short(error)})"
+            failing[name] = f"the backend cannot convert it ({short_error(error, 160)})"
     return failing
 
 
@@ -137,13 +138,8 @@ def failing_layers(float_model: nn.Module, quantized: nn.Module, names: list[str
             try:
                 quantized.get_submodule(name)(*args, **kwargs)
             except Exception as error:
-                failing[name] = f"its quantized form fails on its input ({_short(error)})"
+                failing[name] = f"its quantized form fails on its input ({short_error(error, 160)})"
     return failing
-
-
-def _short(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0][:160]}" if lines else type(error).__name__
 
 
 @contextlib.contextmanager
@@ -173,8 +169,8 @@ def naming_the_failing_layer(model: nn.Module, names: list[str]) -> Iterator[Non
             raise
         name = active[-1]
         raise ValueError(
-            f"the quantized layer {name!r} ({type(modules[name]).__name__}) fails on its input ({_short(error)}). "
-            f"Leave it in float with DynamicQuantization(exclude=[{name!r}])"
+            f"the quantized layer {name!r} ({type(modules[name]).__name__}) fails on its input "
+            f"({short_error(error, 160)}). Leave it in float with DynamicQuantization(exclude=[{name!r}])"
         ) from error
     finally:
         for handle in handles:
