@@ -157,7 +157,11 @@ def _copied_into(value: Any, memo: dict[int, Any]) -> bool:
         copy.deepcopy(value, trial)
     except Exception:
         return False
-    memo.update(trial.maps[0])
+    copied = trial.maps[0]
+    # deepcopy keeps the temporaries it copied alive in memo[id(memo)], so that their ids, which are memo's keys,
+    # are not reused by other objects; here that list sits under the trial's id: move it under the memo's own
+    memo.setdefault(id(memo), []).extend(copied.pop(id(trial), []))
+    memo.update(copied)
     return True
 
 
