@@ -1,7 +1,8 @@
 """What DynamicQuantization's rehearsal before training costs, beside one training epoch of the same run.
 
-The rehearsal runs the whole end-of-fit path on one batch at fit start (copy, quantize, evaluate both with the
-module's own validation, trace to a temporary file and reload it, check save_path's folder). Measured between two
+The rehearsal runs the whole end-of-fit path at fit start on the first, the last and the differently shaped
+validation batches (copy, quantize, evaluate both with the module's own validation, write the artifact to a
+temporary file, reload it and evaluate it the same way, check save_path's folder). Measured between two
 marker callbacks around it in the same Trainer; the epoch is epoch 0 of that run (train batches and validation).
 Models: the digits MLP and a tiny Hugging Face BERT (when transformers is installed). Median of 3 runs each.
 

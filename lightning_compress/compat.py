@@ -6,13 +6,14 @@ why no public API does the same; the tests that cover them fail on an upgrade th
 
 from __future__ import annotations
 
-import copy
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torchmetrics
-from lightning.pytorch.callbacks import Callback, StochasticWeightAveraging
+from lightning.pytorch.callbacks import Callback, RichProgressBar, StochasticWeightAveraging
 from lightning.pytorch.strategies import (
     DDPStrategy,
     DeepSpeedStrategy,
@@ -21,6 +22,8 @@ from lightning.pytorch.strategies import (
     SingleDeviceStrategy,
 )
 from torch import nn
+
+from lightning_compress.copying import Copier
 
 try:  # lightning >= 2.5
     from lightning.pytorch.callbacks import WeightAveraging
@@ -111,13 +114,23 @@ def never_sync(metric: torchmetrics.Metric) -> torchmetrics.Metric:
 _COMPILED_METHODS = ("forward", "training_step", "validation_step", "test_step", "predict_step")
 
 
-def uncompiled_copy(module: nn.Module, memo: dict[int, Any] | None = None) -> nn.Module:
+def uncompiled_copy(
+    module: nn.Module,
+    memo: dict[int, Any] | None = None,
+    deepcopy: Callable[[nn.Module, dict[int, Any]], nn.Module] | None = None,
+) -> nn.Module:
     """A deep copy of ``module`` with every ``torch.compile`` wrapper removed, so the copy runs its own weights.
 
     Lightning keeps a compiled LightningModule's compiled ``forward`` (and ``*_step``) as instance attributes, the
     originals in ``_compiler_ctx``; ``torch.compile(submodule)`` wraps submodules in ``OptimizedModule``
-    (``_orig_mod``). A plain deep copy would still run the original module's compiled graph, on its weights.
+    (``_orig_mod``); ``nn.Module.compile()`` (in place, also ``LightningModule.compile()``) keeps a compiled
+    ``_call_impl`` of the original module in ``_compiled_call_impl`` (torch 2.13), which ``__call__`` runs instead
+    of ``forward``. A plain deep copy would still run the original module's compiled graph, on its weights.
+    ``deepcopy(module, memo)`` makes the copy; default: a :class:`lightning_compress.copying.Copier` (other
+    tools' hooks left behind, attributes that cannot be copied shared).
     """
+    memo = {} if memo is None else memo
+    deepcopy = deepcopy or Copier()
     optimized = torch._dynamo.eval_frame.OptimizedModule
     while isinstance(module, optimized):
         module = module._orig_mod
@@ -126,8 +139,10 @@ def uncompiled_copy(module: nn.Module, memo: dict[int, Any] | None = None) -> nn
         if m.__dict__.get("_compiler_ctx") is not None:
             hidden[m] = {k: m.__dict__.pop(k) for k in (*_COMPILED_METHODS, "_compiler_ctx") if k in m.__dict__}
             m.__dict__["_compiler_ctx"] = None
+        if m.__dict__.get("_compiled_call_impl") is not None:
+            memo[id(m.__dict__["_compiled_call_impl"])] = None  # the copy runs its own forward
     try:
-        copied = copy.deepcopy(module, memo)
+        copied = deepcopy(module, memo)
     finally:
         for m, attributes in hidden.items():
             m.__dict__.update(attributes)
@@ -147,14 +162,18 @@ _FSDP_FLAGS = ("_is_fsdp_managed_module", "_fsdp_use_orig_params")
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs")
 
 
-def unsharded_copy(module: nn.Module, full_state: dict[str, Any]) -> nn.Module:
+def unsharded_copy(
+    module: nn.Module,
+    full_state: dict[str, Any],
+    deepcopy: Callable[[nn.Module, dict[int, Any]], nn.Module] | None = None,
+) -> nn.Module:
     """A plain copy of a module sharded with FSDP2's ``fully_shard``, holding the full tensors of ``full_state``.
 
     ``fully_shard`` swaps each sharded module's class for a subclass of ``FSDPModule`` and registers forward hooks
     bound to its state; no public API undoes it (``FSDPModule.unshard`` only all-gathers for a while). The copy
     gets the original classes, none of FSDP's hooks or state, and plain ``nn.Parameter``s made from ``full_state``
     (the strategy's full state dict, by parameter name). ``module`` is left as it is; ``torch.compile`` wrappers
-    are removed as in :func:`uncompiled_copy`.
+    are removed as in :func:`uncompiled_copy`, which ``deepcopy`` is passed to.
     """
     from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import FSDPModule
@@ -181,7 +200,7 @@ def unsharded_copy(module: nn.Module, full_state: dict[str, Any]) -> nn.Module:
             m.__class__ = next(base for base in cls.__mro__[1:] if not issubclass(base, FSDPModule))
         hidden.append((m, cls, state, hooks))
     try:
-        return uncompiled_copy(module, memo)
+        return uncompiled_copy(module, memo, deepcopy)
     finally:
         for m, cls, state, hooks in hidden:
             m.__class__ = cls
@@ -225,3 +244,19 @@ def forget_metric_attributes(module: nn.Module) -> None:
 def uncompiled_name(name: str) -> str:
     """A parameter or module name as in the uncompiled model: without ``torch.compile``'s ``_orig_mod`` segments."""
     return ".".join(part for part in name.split(".") if part != "_orig_mod")
+
+
+def finish_progress_display(trainer: pl.Trainer) -> None:
+    """Let the trainer's progress bar finish drawing before we print below it (at ``on_fit_end``).
+
+    ``RichProgressBar`` keeps a live display until its ``teardown``, which Lightning 2.6 calls after ``on_fit_end``:
+    lines printed meanwhile land above the last epoch's bar. Its private ``_stop_progress`` (what its ``teardown``
+    and ``on_exception`` call; idempotent, and a later validate or fit starts a new display) ends it now. TQDM's bar
+    is closed at ``on_train_end``, but its last newline waits in ``sys.stdout``'s buffer while the logging module
+    writes to ``sys.stderr``: both are flushed.
+    """
+    bar = trainer.progress_bar_callback
+    if isinstance(bar, RichProgressBar):
+        bar._stop_progress()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()

@@ -39,6 +39,11 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
+from lightning_compress import headers
+from lightning_compress.headers import ArtifactError
+
+__all__ = ["ArtifactError", "decode", "decode_to", "encode", "is_compressed"]
+
 FORMAT = "lightning_compress.compressed"
 VERSION = 1
 MAGIC = b"LCOMPRS\x00"
@@ -49,11 +54,6 @@ _PREFIX = struct.Struct("<8sHI")
 _CHECKSUM_BYTES = 32
 _BLOCK = 1 << 18  # bytes of a bitmask decoded at a time (2 Mi entries)
 _DECODER_MEMORY = 96 * 2**20  # liblzma's memory for the 64 MiB dictionary, with room to spare
-
-
-class ArtifactError(ValueError):
-    """A file is not a valid lightning_compress artifact: wrong format or version, damaged, malformed, or larger
-    than allowed. The message says what is wrong and what to do."""
 
 
 def is_compressed(data: bytes) -> bool:
@@ -140,43 +140,52 @@ def _checked_header(data: bytes, source: str) -> tuple[dict[str, Any], memoryvie
     body, checksum = memoryview(data)[:-_CHECKSUM_BYTES], data[-_CHECKSUM_BYTES:]
     if hashlib.sha256(body).digest() != checksum:
         raise ArtifactError(f"{source} is corrupted or truncated: its SHA-256 checksum does not match")
-    try:
-        header = json.loads(bytes(body[_PREFIX.size : _PREFIX.size + header_length]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise _malformed(source, f"its header is not JSON ({error})") from error
+    header = headers.parse(bytes(body[_PREFIX.size : _PREFIX.size + header_length]), source)
     _check_fields(header, source)
     return header, body[_PREFIX.size + header_length :]
 
 
 def _check_fields(header: Any, source: str) -> None:
+    """Every field of a version-1 header, exactly: anything else is malformed."""
     if not isinstance(header, dict):
-        raise _malformed(source, "its header is not a JSON object")
+        raise _malformed(source, f"its header is {headers.describe(header)}, not a JSON object")
     if header.get("format") != FORMAT:
-        raise _malformed(source, f"its header names the format {header.get('format')!r}, not {FORMAT!r}")
+        raise _malformed(
+            source, f"its header names the format {headers.describe(header.get('format'))}, not {FORMAT!r}"
+        )
     if header.get("version") != VERSION:
         raise ArtifactError(_newer(source, header.get("version")))
-    raw_size, members = header.get("raw_size"), header.get("members")
-    if not _is_count(raw_size):
-        raise _malformed(source, f"'raw_size' must be a whole number >= 0, got {raw_size!r}")
-    if not isinstance(members, list):
-        raise _malformed(source, f"'members' must be a list, got {type(members).__name__}")
+    problem = headers.field_problem(
+        header,
+        {
+            "format": lambda v: True,
+            "version": lambda v: True,
+            "torch": headers.is_name,
+            "raw_size": headers.is_count,
+            "members": lambda v: isinstance(v, list),
+            "metadata": lambda v: True,
+        },
+    ) or headers.scalar_problem(header["metadata"], "metadata")
+    if problem:
+        raise _malformed(source, problem)
     names = set()
-    for member in members:
+    for member in header["members"]:
         if not (isinstance(member, list) and len(member) == 3):
-            raise _malformed(source, f"each member must be [name, encoding, size], got {member!r:.80}")
+            raise _malformed(source, f"each member must be [name, encoding, size], got {headers.describe(member)}")
         name, encoding, size = member
-        if not isinstance(name, str) or not name or len(name) > 1024 or name in names:
-            raise _malformed(source, f"member name {name!r:.80} is empty, too long, repeated or not a string")
+        if not headers.is_name(name) or name in names:
+            raise _malformed(
+                source, f"member name {headers.describe(name)} is empty, too long, repeated or not a string"
+            )
         if encoding not in ENCODINGS:
-            raise _malformed(source, f"member {name!r:.80} has the unknown encoding {encoding!r:.80}")
-        if not _is_count(size):
-            raise _malformed(source, f"member {name!r:.80} has the size {size!r:.80}")
+            raise _malformed(source, f"member {name!r:.80} has the unknown encoding {headers.describe(encoding)}")
+        if not headers.is_count(size):
+            raise _malformed(source, f"member {name!r:.80} has the size {headers.describe(size)}")
         names.add(name)
+    members, raw_size = header["members"], header["raw_size"]
     encoded = sum(size + ((size + 7) // 8 if encoding != "raw" else 0) for _, encoding, size in members)
     if raw_size > encoded:
         raise _malformed(source, f"'raw_size' {raw_size:,} exceeds what its members can hold ({encoded:,})")
-    if not isinstance(header.get("metadata", {}), dict):
-        raise _malformed(source, "'metadata' must be a JSON object")
 
 
 class _Payload:
@@ -252,10 +261,6 @@ def _sparse_bytes(raw: bytes) -> bytes:
     return np.packbits(nonzero).tobytes() + values[nonzero].tobytes()
 
 
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
 def _malformed(source: str, what: str) -> ArtifactError:
     return ArtifactError(
         f"{source} is malformed: {what}. It was not written by lightning_compress, or was altered after its "
@@ -265,6 +270,7 @@ def _malformed(source: str, what: str) -> ArtifactError:
 
 def _newer(source: str, version: Any) -> str:
     return (
-        f"{source} has compressed-artifact format version {version!r}; this lightning_compress reads version "
+        f"{source} has compressed-artifact format version {headers.describe(version)}; this lightning_compress reads "
+        f"version "
         f"{VERSION} only. Upgrade lightning_compress to read newer files."
     )

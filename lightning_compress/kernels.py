@@ -9,7 +9,6 @@ is kept. Plain PyTorch: usable without a Trainer.
 
 from __future__ import annotations
 
-import copy
 import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ import torch.utils.benchmark as benchmark
 from torch import Tensor, nn
 
 from lightning_compress.backends import quantize_dynamic_copy, torch_internal_warnings_silenced
+from lightning_compress.copying import Copier
 from lightning_compress.inputs import ModelInput
 
 QUANTIZED_DENSE = "quantized dense"
@@ -166,7 +166,7 @@ def build_with_kernels(
     names = set(quantizable_modules(model) if names is None else names)
     targets = {n for n in names if n not in choices or choices[n].chosen == QUANTIZED_DENSE}
     # Quantize first: the quantization backend deep-copies the model, and CSR tensors cannot be deep-copied.
-    result = quantize(model, dtype, targets) if targets else copy.deepcopy(model).eval()
+    result = quantize(model, dtype, targets) if targets else Copier()(model).eval()
     for name, choice in choices.items():
         if choice.chosen == SPARSE_CSR and name in names:
             parent_name, _, child = name.rpartition(".")

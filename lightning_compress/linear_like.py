@@ -11,9 +11,8 @@ plain ``nn.Linear`` modules with equal outputs, so that they are quantized like 
   attributes): torch.ao matches ``type(module) is nn.Linear`` only. Not ``NonDynamicallyQuantizableLinear``:
   it is ``nn.MultiheadAttention``'s ``out_proj``, whose weight the attention's functional forward reads directly,
   so a quantized module there would break it (:mod:`lightning_compress.outcomes` states that reason).
-* Linear layers parametrized with ``torch.nn.utils.parametrize`` (``parametrizations.weight_norm``,
-  ``spectral_norm``, ``orthogonal``): folded into the weight they compute (in eval mode, as the copy is);
-  torch.ao's ``from_float`` refuses a ``ParametrizedLinear``.
+* (Linear layers parametrized with ``torch.nn.utils.parametrize``, which torch.ao's ``from_float`` refuses, are
+  plain Linears by then: the float copy folds every reparametrization, :mod:`lightning_compress.copying`.)
 
 Not converted: pointwise (1x1) convolutions are a Linear over channels, but channels-first; they are left to static
 quantization with the other convolutions. A layer whose weight is shared with another module (a tie) is left as it
@@ -22,9 +21,7 @@ is: converting it would untie the weight.
 
 from __future__ import annotations
 
-import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from lightning_compress import layouts
 
@@ -48,15 +45,15 @@ def original_type(module: nn.Module) -> type[nn.Module]:
 
 
 def converted_from(module: nn.Module) -> str | None:
-    """What :func:`as_linears` converted ``module`` from (``"Conv1D"``, ``"Linear with WeightNorm"``...), or None."""
+    """What :func:`as_linears` converted ``module`` from (``"Conv1D"`` or a Linear subclass's name), or None."""
     return getattr(module, _KIND, None)
 
 
 def as_linears(model: nn.Module) -> dict[str, str]:
     """Convert, in place, every Linear layer in disguise in ``model`` into an ``nn.Linear`` with equal outputs.
 
-    Returns the converted layers' names and what each was (``"Conv1D"``, a subclass's name, ``"Linear with
-    WeightNorm"``...). Meant for a copy (``pipeline.float_copy`` calls it): modules are replaced or retyped in place.
+    Returns the converted layers' names and what each was (``"Conv1D"`` or a Linear subclass's name).
+    Meant for a copy (``pipeline.float_copy`` calls it): modules are replaced or retyped in place.
     """
     shared = _shared_parameter_ids(model)
     converted: dict[str, str] = {}
@@ -80,39 +77,17 @@ def _kind(module: nn.Module) -> str | None:
         return "Conv1D" if is_linear_like_type(type(module)) else None
     if not isinstance(module, nn.Linear) or isinstance(module, nn.modules.lazy.LazyModuleMixin):
         return None
-    base = parametrize.type_before_parametrizations(module)
-    if base is not nn.Linear and not is_linear_like_type(base):
-        return None
-    if parametrize.is_parametrized(module):
-        folded = ", ".join(_parametrization_names(module))
-        return f"{base.__name__} with {folded}"
-    return base.__name__ if base is not nn.Linear else None
+    return type(module).__name__ if is_linear_like_type(type(module)) else None
 
 
 def _keeps_linear_forward(cls: type) -> bool:
     return cls.forward is nn.Linear.forward and cls is not nn.modules.linear.NonDynamicallyQuantizableLinear
 
 
-def _parametrization_names(module: nn.Module) -> list[str]:
-    return [type(p).__name__.lstrip("_") for plist in module.parametrizations.values() for p in plist]
-
-
 def _to_linear(module: nn.Module) -> nn.Linear | None:
-    original = parametrize.type_before_parametrizations(module)
+    original = type(module)
     if layouts.is_conv1d(module):
         linear = layouts.conv1d_to_linear(module)
-    elif parametrize.is_parametrized(module):
-        # Not parametrize.remove_parametrizations: it edits the module's class, which a deep copy shares with the
-        # original model. The weights as the parametrizations compute them, in the copy's (eval) mode.
-        with torch.no_grad():
-            weight = module.weight.detach().clone()
-            bias = module.bias.detach().clone() if module.bias is not None else None
-        linear = torch.nn.utils.skip_init(
-            nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype
-        )
-        linear.weight = nn.Parameter(weight, requires_grad=_requires_grad(module))
-        if bias is not None:
-            linear.bias = nn.Parameter(bias, requires_grad=_requires_grad(module))
     else:
         try:  # a subclass that kept Linear's forward: the same module, as a Linear
             module.__class__ = nn.Linear
@@ -125,10 +100,6 @@ def _to_linear(module: nn.Module) -> nn.Linear | None:
     linear.train(module.training)
     setattr(linear, _ORIGINAL, original)
     return linear
-
-
-def _requires_grad(module: nn.Module) -> bool:
-    return any(p.requires_grad for p in module.parameters())
 
 
 def _shared_parameter_ids(model: nn.Module) -> set[int]:

@@ -43,7 +43,7 @@ class LayerOutcome:
     Attributes:
         name: the module's name in the model (as in ``named_modules()``).
         kind: what it is in the trained model: its type's name, or what :mod:`lightning_compress.linear_like`
-            converted into a Linear (``"Conv1D"``, ``"Linear with WeightNorm"``).
+            converted into a Linear (``"Conv1D"`` or a Linear subclass's name).
         dtype: what its weights run as in the quantized model: ``"qint8"``, ``"float16"`` (dynamically
             quantized), or the float dtype it kept (``"float32"``).
         parameters: entries of its own parameters; a parameter shared by several modules is counted once, under
@@ -126,12 +126,14 @@ def layer_outcomes(
     modules: Sequence[type[nn.Module] | str] | None = None,
     exclude: Sequence[str] = (),
     kernel_choices: Mapping[str, Any] | None = None,
+    refused: Mapping[str, str] | None = None,
 ) -> list[LayerOutcome]:
     """What each module of ``float_model`` that holds parameters became in ``quantized``, and why when it stayed
     float.
 
     ``modules``, ``exclude`` and ``kernel_choices`` are the selection and kernel choice that produced
-    ``quantized`` (as given to ``DynamicQuantization``); they only word the reasons. Which layers run quantized
+    ``quantized`` (as given to ``DynamicQuantization``), ``refused`` the layers the backend could not take, with
+    why (:func:`lightning_compress.backends.known_refusals`); they only word the reasons. Which layers run quantized
     and with which dtype is read from ``quantized`` itself.
     """
     ran = quantized_dtypes(quantized)
@@ -151,7 +153,7 @@ def layer_outcomes(
             outcomes.append(LayerOutcome(name, kind, ran[name], counted, None, weights, converted is not None))
             continue
         dtypes = sorted({str(p.dtype).removeprefix("torch.") for _, p in own})
-        reason = _float_reason(name, module, modules, exclude, tied, kernel_choices or {})
+        reason = (refused or {}).get(name) or _float_reason(name, module, modules, exclude, tied, kernel_choices or {})
         outcomes.append(LayerOutcome(name, kind, "/".join(dtypes), counted, reason, weights, converted is not None))
     return outcomes
 

@@ -23,13 +23,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_compress import compat, linear_like, measure, outcomes
+from lightning_compress import compat, copying, linear_like, measure, outcomes
 from lightning_compress.backends import SUPPORTED_MODULES, quantize_dynamic_copy
 from lightning_compress.inputs import ModelInput
 
 
-def float_copy(model: nn.Module, full_state: dict[str, Any] | None = None) -> tuple[nn.Module, torch.dtype | None]:
-    """A float32 copy of ``model`` on the CPU in eval mode, without ``torch.compile`` wrappers.
+def float_copy(
+    model: nn.Module, full_state: dict[str, Any] | None = None, report: copying.CopyReport | None = None
+) -> tuple[nn.Module, torch.dtype | None]:
+    """A float32 copy of ``model`` on the CPU in eval mode, without ``torch.compile`` wrappers, holding what its
+    forward computes (:mod:`lightning_compress.copying`: other tools' hooks left behind, attributes that cannot be
+    copied shared, reparametrized weights folded into plain ones; ``report``, when given, is filled with those).
 
     ``full_state``: for a model sharded with FSDP2, its gathered full state dict; the copy is then a plain,
     unsharded module holding those tensors (:func:`lightning_compress.compat.unsharded_copy`).
@@ -39,8 +43,16 @@ def float_copy(model: nn.Module, full_state: dict[str, Any] | None = None) -> tu
     ``Conv1D``, ``nn.Linear`` subclasses, parametrized Linears) are ``nn.Linear`` in the copy, with equal outputs
     (:func:`lightning_compress.linear_like.as_linears`). The model itself is left as it is.
     """
-    copied = compat.uncompiled_copy(model) if full_state is None else compat.unsharded_copy(model, full_state)
+    copier = copying.Copier()
+    if full_state is None:
+        copied = compat.uncompiled_copy(model, deepcopy=copier)
+    else:
+        copied = compat.unsharded_copy(model, full_state, deepcopy=copier)
     copied = copied.cpu().eval()
+    copying.fold_reparametrizations(copied, copier.report)
+    if report is not None:
+        for field in dataclasses.fields(report):
+            getattr(report, field.name).extend(getattr(copier.report, field.name))
     dtypes = {p.dtype for p in copied.parameters() if p.is_floating_point()} - {torch.float32}
     cast_from = sorted(dtypes, key=str)[0] if dtypes else None
     if cast_from is not None:

@@ -2,19 +2,21 @@
 
 The work is done by plain functions (:mod:`lightning_compress.pipeline`, :mod:`lightning_compress.evaluation`,
 :mod:`lightning_compress.artifact`); this callback decides when, on which rank and with which data, rehearses the
-whole path on one batch before training, and logs what it measured.
+whole path before training on the validation batches that vary (:mod:`lightning_compress.rehearsal`), and logs
+what it measured. Neither changes what training computes (:mod:`lightning_compress.isolation`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
 import itertools
 import numbers
 import os
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -25,13 +27,27 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_compress import compat, evaluation, linear_like, measure, outcomes, pipeline, report, sharding
-from lightning_compress.artifact import save_compressed, save_quantized
+from lightning_compress import (
+    backends,
+    compat,
+    evaluation,
+    isolation,
+    linear_like,
+    measure,
+    outcomes,
+    pipeline,
+    rehearsal,
+    report,
+    sharding,
+)
+from lightning_compress.artifact import write_verified
 from lightning_compress.backends import DTYPES, SUPPORTED_MODULES
+from lightning_compress.copying import CopyReport
 from lightning_compress.inputs import ModelInput, capture_inputs
 from lightning_compress.kernels import KernelChoice, build_with_kernels, choose_linear_kernels
 from lightning_compress.protocols import PruningCallback, SummaryLines
 from lightning_compress.shrinking import SHRINK_HINT, shrink
+from lightning_compress.verification import ArtifactMismatch, CheckedArtifact, short_error
 
 #: Latency is timed on (up to) this many evaluation batches.
 LATENCY_BATCHES = 32
@@ -50,11 +66,15 @@ class DynamicQuantization(Callback):
 
     Weights of the supported layers are quantized ahead of time (int8 or float16); activations are quantized on
     the fly inside those layers. Runs in ``on_fit_end``, after ``MagnitudePruning`` made its masks permanent, on
-    rank zero, on the CPU, on a float32 copy without ``torch.compile`` wrappers. The LightningModule itself stays as
-    it is and trainable; the quantized copy is ``quantized_model``. Before the first training step the whole path
-    is rehearsed on one batch (copy, quantize, evaluate, trace, reload, check ``save_path``'s folder), so what
-    would fail at the end of fit fails at the start. Under ``ModelParallelStrategy`` with FSDP2, every rank takes
-    part in gathering the full state dict, and the copy is a plain, unsharded module holding it.
+    rank zero, on the CPU, on a float32 copy (:mod:`lightning_compress.copying`: without ``torch.compile``
+    wrappers, other tools' hooks or reparametrizations; what cannot be copied is shared). The LightningModule
+    itself stays as it is and trainable; the quantized copy is ``quantized_model``; layers the backend cannot take
+    stay float, with the reason in ``kept_float`` and the summary. Before the first training step the whole path
+    is rehearsed on the first, the last and the differently shaped validation batches (copy, quantize, evaluate,
+    write the artifact, reload and measure it, check ``save_path``'s folder), so what would fail at the end of fit
+    fails at the start. Random generators, modes and the trainer's metrics are restored around all of it. Under
+    ``ModelParallelStrategy`` with FSDP2, every rank takes part in gathering the full state dict, and the copy is a
+    plain, unsharded module holding it.
 
     Evaluation: when the module has a ``validation_step`` (and neither ``metric`` nor ``dataloader`` is given), the
     float and the quantized copy are evaluated with it on the validation data, through Lightning, and every metric
@@ -74,7 +94,9 @@ class DynamicQuantization(Callback):
         dataloader: evaluation batches ``(input, target)`` (a DataLoader, a list of batches, any iterable) for the
             ``(input, target)`` path; default: the trainer's validation dataloader(s), the full set also under DDP.
         save_path: write a standalone artifact there (see :func:`lightning_compress.load_quantized`), called as the
-            module's forward is called.
+            module's forward is called. It is written only if, reloaded from disk, it reproduces ``quantized_model``
+            on every validation input signature (see :func:`lightning_compress.artifact.write_verified`: a trace,
+            else a script); otherwise nothing is left there and a warning names the input that differs.
         baseline_accuracy: optional accuracy of a reference model measured elsewhere, shown in the summary table.
         compress: write ``save_path`` in the compressed format (see :mod:`lightning_compress.compressed`).
         sparse_kernels: ``"auto"``: for each quantizable Linear, time quantized dense, fp32 sparse (CSR) and fp32
@@ -98,7 +120,9 @@ class DynamicQuantization(Callback):
     ``quantization/size_mb_compressed`` (with ``compress=True``), ``quantization/kernel_speedup/<layer>`` (with
     ``sparse_kernels="auto"``), and ``quantization/sparsity_before`` / ``quantization/sparsity_after`` (zeros in
     the float and the quantized weights) over the parameters that a pruning callback reports
-    (:class:`lightning_compress.protocols.PruningCallback`).
+    (:class:`lightning_compress.protocols.PruningCallback`). With ``save_path``, the
+    artifact reloaded from disk and evaluated as ``_after`` is: ``quantization/<metric>_artifact`` for each
+    metric and ``quantization/accuracy_artifact`` (the headline metric).
 
     After fit, ``layers`` lists every module that holds parameters as it ended (a
     :class:`lightning_compress.outcomes.LayerOutcome`: its dtype in the quantized model and, for a float one, why),
@@ -190,6 +214,7 @@ class DynamicQuantization(Callback):
         self.stage_seconds: dict[str, float] = {}
         self.quantized_layers: list[str] = []
         self.layers: list[outcomes.LayerOutcome] = []
+        self.kept_float: dict[str, str] = {}
 
     # ------------------------------------------------------------------ before training: fail fast
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -223,17 +248,15 @@ class DynamicQuantization(Callback):
         full_state = self._gather(trainer, pl_module)
         if trainer.is_global_zero:
             try:
-                self._run(trainer, pl_module, rehearsal=True, full_state=full_state)
+                with isolation.untouched(pl_module, trainer):
+                    self._run(trainer, pl_module, rehearsal=True, full_state=full_state)
             except Exception as exception:  # reported on every rank below
-                error = (
-                    f"{type(exception).__name__}: {exception}"
-                    if not isinstance(exception, ValueError)
-                    else str(exception)
-                )
+                error = str(exception) if isinstance(exception, ValueError) else short_error(exception, 600)
         error = trainer.strategy.broadcast(error, src=0)
         if error is not None:
             raise ValueError(
-                f"DynamicQuantization rehearsed its end-of-fit work on one batch before training, and it failed: "
+                "DynamicQuantization rehearsed its end-of-fit work before training (on the first, the last and the "
+                f"differently shaped validation batches), and it failed: "
                 f"{error}"
             )
 
@@ -244,8 +267,10 @@ class DynamicQuantization(Callback):
         full_state = self._gather(trainer, pl_module)
         if not trainer.is_global_zero:
             return
+        compat.finish_progress_display(trainer)  # what we print comes below the last epoch's bar
         try:
-            self._run(trainer, pl_module, rehearsal=False, full_state=full_state)
+            with isolation.untouched(pl_module, trainer):
+                self._run(trainer, pl_module, rehearsal=False, full_state=full_state)
         except Exception as error:
             raise QuantizationError(
                 f"DynamicQuantization failed after training ({type(error).__name__}: {error}). The trained float "
@@ -266,23 +291,28 @@ class DynamicQuantization(Callback):
         rehearsal: bool,
         full_state: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """The end-of-fit path; with ``rehearsal`` on one batch, writing nothing but a temporary artifact.
+        """The end-of-fit path; with ``rehearsal`` on varied batches (:mod:`lightning_compress.rehearsal`), writing
+        nothing but a temporary artifact.
 
         ``full_state``: the gathered full state dict of a sharded module, which the float copy is made of.
         """
         stages: dict[str, float] = {}
-        limit = 1 if rehearsal else None
-        progress = not rehearsal and trainer.progress_bar_callback is not None
         dtype = DTYPES[self.dtype]
+        copy_report = CopyReport()
         with _timed(stages, "copy"):
-            float_model, cast_from = pipeline.float_copy(pl_module, full_state)
+            float_model, cast_from = pipeline.float_copy(pl_module, full_state, copy_report)
             names = pipeline.select_modules(float_model, self.modules, self.exclude)
+            refused = backends.known_refusals(float_model, names)
+            names = _without(names, refused)
         example = self._example_input(pl_module, cast_from)
+        # the rehearsal, and an end of fit that does not evaluate, run on the first, last and differently shaped
+        # validation batches; the evaluations at fit end on all of them
         needs_inputs = self.save_path is not None or self.sparse_kernels == "auto" or self.evaluate or self.shrink
-        with _timed(stages, "evaluate float"):
-            if self.evaluate or (needs_inputs and example is None):
-                batches = limit if self.evaluate else 1
-                inputs, before = self._evaluate(trainer, float_model, batches, progress and self.evaluate)
+        uses_data = self.evaluate or (needs_inputs and example is None)
+        source = self._varied_source(trainer) if uses_data and (rehearsal or not self.evaluate) else None
+        with _timed(stages, "evaluate float", announce=not rehearsal):
+            if uses_data:
+                inputs, before = self._evaluate(trainer, float_model, source)
                 before = before if self.evaluate else {}
             else:
                 inputs, before = [], {}
@@ -291,6 +321,7 @@ class DynamicQuantization(Callback):
         timed, timed_on = inputs, "evaluation batches"
         if not inputs and example is not None:
             timed, timed_on = [example], "example_input_array"
+        compared = ([example] if example is not None else []) + inputs
         if example is not None:
             inputs = [example]
         if needs_inputs and not inputs:
@@ -309,35 +340,43 @@ class DynamicQuantization(Callback):
                 "shrink: sparsity in the quantized column is over the shrunk weights (removed channels are gone)"
             )
         with _timed(stages, "quantize", announce=not rehearsal):
-            if self.sparse_kernels == "auto" and not rehearsal:
-                self.kernel_choices = choose_linear_kernels(to_quantize, inputs[0], dtype, names)
-                quantized = build_with_kernels(to_quantize, self.kernel_choices, dtype, names)
-            else:
-                quantized = pipeline.quantize(to_quantize, dtype, names)
-        with _timed(stages, "evaluate quantized"):
-            after = self._evaluate(trainer, quantized, limit, progress)[1] if self.evaluate else {}
+            quantized, names = self._quantize_what_it_takes(to_quantize, dtype, names, inputs, rehearsal, refused)
+        notes += [f"{name} stays float: {reason}" for name, reason in refused.items()]
+        if rehearsal:
+            for line in [*notes, copy_report.describe()]:
+                if line:
+                    rank_zero_info(f"DynamicQuantization: {line}")
+        with (
+            _timed(stages, "evaluate quantized", announce=not rehearsal),
+            backends.naming_the_failing_layer(quantized, names),
+        ):
+            after = self._evaluate(trainer, quantized, source)[1] if self.evaluate else {}
             if not self.evaluate and inputs:
                 inputs[0](quantized)  # it runs, at least
         if rehearsal:
-            self._rehearse_artifact(quantized, inputs[0] if inputs else None)
+            self._rehearse_artifact(trainer, quantized, to_quantize, compared, source)
             return
         with _timed(stages, "time latency", announce=True):
             timed = timed if self.evaluate else []
             comparison = pipeline.compare(
                 float_model, quantized, names, timed, before, after, LATENCY_ROUNDS, LATENCY_BUDGET_S
             )
-        layers = outcomes.layer_outcomes(to_quantize, quantized, self.modules, self.exclude, self.kernel_choices)
+        layers = outcomes.layer_outcomes(
+            to_quantize, quantized, self.modules, self.exclude, self.kernel_choices, refused
+        )
         comparison.cast_from, comparison.timed_on = cast_from, timed_on if timed else None
         comparison.coverage = outcomes.coverage(layers)
         results = self._results(comparison, headline)
         results.update(self._sparsity(trainer, float_model, quantized))
+        if copy_report.describe():
+            notes.append(copy_report.describe())
         if self.save_path is not None:
             with _timed(stages, "save artifact", announce=True):
-                size = self._save(trainer, quantized, inputs[0])
-            if size is not None:
-                results[report.SIZE_COMPRESSED] = size / 1e6
+                measured, lines = self._save(trainer, quantized, to_quantize, compared, headline)
+            results.update(measured)
+            notes += lines
         self.quantized_model, self.comparison, self.results = quantized, comparison, results
-        self.layers, self.stage_seconds = layers, stages
+        self.layers, self.stage_seconds, self.kept_float = layers, stages, refused
         self.quantized_layers = [layer.name for layer in layers if layer.quantized]
         report.log_to_loggers(trainer, results)
         for regression in comparison.regressions():
@@ -348,7 +387,7 @@ class DynamicQuantization(Callback):
                 self.dtype,
                 self.layer_sparsity,
                 self.baseline_accuracy,
-                self.save_path if self._writes_artifact(trainer) else None,
+                None,  # the artifact's lines are among the notes, once it was measured
                 self.kernel_choices,
                 headline=headline,
                 comparison=comparison,
@@ -364,23 +403,62 @@ class DynamicQuantization(Callback):
             if isinstance(callback, QuantizedMetricsPlot):
                 callback.redraw_plot(trainer, dict(comparison.metrics_after))
 
+    def _quantize_what_it_takes(
+        self,
+        model: nn.Module,
+        dtype: torch.dtype,
+        names: list[str],
+        inputs: list[ModelInput],
+        rehearsal: bool,
+        refused: dict[str, str],
+    ) -> tuple[nn.Module, list[str]]:
+        """The quantized model, with the layers the backend cannot convert, or whose quantized form fails on its
+        real input, left in float (added to ``refused`` with the reason); and the names of those quantized."""
+        try:
+            quantized = self._quantize(model, dtype, names, inputs, rehearsal)
+        except Exception:
+            failing = backends.unconvertible_layers(model, names, dtype)
+            if not failing:
+                raise
+            refused.update(failing)
+            names = _without(names, failing)
+            quantized = self._quantize(model, dtype, names, inputs, rehearsal)
+        failing = backends.failing_layers(model, quantized, names, inputs[0]) if inputs else {}
+        if failing:
+            refused.update(failing)
+            names = _without(names, failing)
+            quantized = self._quantize(model, dtype, names, inputs, rehearsal)
+        return quantized, names
+
+    def _quantize(
+        self, model: nn.Module, dtype: torch.dtype, names: list[str], inputs: list[ModelInput], rehearsal: bool
+    ) -> nn.Module:
+        if self.sparse_kernels == "auto" and not rehearsal:
+            self.kernel_choices = choose_linear_kernels(model, inputs[0], dtype, names)
+            return build_with_kernels(model, self.kernel_choices, dtype, names)
+        return pipeline.quantize(model, dtype, names)
+
     # ------------------------------------------------------------------ pieces
     def _uses_validation_step(self, pl_module: nn.Module) -> bool:
         return self.metric is None and self.dataloader is None and evaluation.has_validation_step(pl_module)
 
     def _evaluate(
-        self, trainer: pl.Trainer, model: nn.Module, limit: int | None, progress: bool
+        self, trainer: pl.Trainer, model: nn.Module, source: Any = None
     ) -> tuple[list[ModelInput], dict[str, float]]:
-        """Metrics of ``model`` on the evaluation data (the first ``limit`` batches) and the inputs its forward got."""
+        """Metrics of ``model`` on the evaluation data (``source``: the varied batches of the rehearsal; ``None``:
+        all of it) and the inputs its forward got."""
         if self._uses_validation_step(model):
-            loaders = compat.raw_val_dataloaders(trainer)
-            return capture_inputs(
-                model,
-                lambda: evaluation.validate(model, loaders, limit if limit is not None else 1.0, progress),
-                LATENCY_BATCHES,
-            )
-        batches = list(itertools.islice(self._batches(trainer), limit)) if limit is not None else self._batches(trainer)
+            loaders = source if source is not None else compat.raw_val_dataloaders(trainer)
+            return capture_inputs(model, lambda: evaluation.validate(model, loaders), LATENCY_BATCHES)
+        batches = source if source is not None else self._batches(trainer)
         return capture_inputs(model, lambda: {"accuracy": self._metric_value(model, batches)}, LATENCY_BATCHES)
+
+    def _varied_source(self, trainer: pl.Trainer) -> Any:
+        """The first, the last and the differently shaped batches of each evaluation loader
+        (:func:`lightning_compress.rehearsal.varied_batches`), in the form :meth:`_evaluate` takes."""
+        if self._uses_validation_step(trainer.lightning_module):
+            return rehearsal.varied_loaders(compat.raw_val_dataloaders(trainer))
+        return rehearsal.Batches(self._batches(trainer, varied=True))
 
     def _metric_value(self, model: nn.Module, batches: Iterable[Any]) -> float:
         batches = iter(batches)
@@ -406,14 +484,15 @@ class DynamicQuantization(Callback):
                 f"{tuple(output.shape)}) and the batch's target ({_describe(y)}): {error}. Pass `metric=` that fits."
             ) from error
 
-    def _batches(self, trainer: pl.Trainer) -> Iterator[Any]:
-        """CPU batches of the evaluation data; the trainer's val data comes without a distributed sampler."""
+    def _batches(self, trainer: pl.Trainer, varied: bool = False) -> Iterator[Any]:
+        """CPU batches of the evaluation data (with ``varied``, those of :func:`rehearsal.varied_batches`); the
+        trainer's val data comes without a distributed sampler."""
         source = self.dataloader if self.dataloader is not None else compat.raw_val_dataloaders(trainer)
         is_loaders = isinstance(source, (list, tuple)) and source and all(isinstance(s, DataLoader) for s in source)
         loaders = source if is_loaders else [source]
         empty = True
         for loader in loaders:
-            for batch in loader:
+            for batch in rehearsal.varied_batches(loader) if varied else loader:
                 empty = False
                 yield measure.to_device(batch, torch.device("cpu"))
         if empty:
@@ -436,36 +515,95 @@ class DynamicQuantization(Callback):
         candidates += [k for k in before if "acc" in k]
         return next((c for c in candidates if c in before), None)
 
-    def _rehearse_artifact(self, quantized: nn.Module, example: ModelInput | None) -> None:
-        if self.save_path is not None:
-            folder = os.path.dirname(os.path.abspath(self.save_path))
-            try:
-                os.makedirs(folder, exist_ok=True)
-                with tempfile.NamedTemporaryFile(dir=folder):
-                    pass
-            except OSError as error:
-                raise ValueError(f"`save_path={self.save_path!r}`: its folder cannot be written ({error})") from error
-        if example is None or self.save_path is None:
+    def _rehearse_artifact(
+        self, trainer: pl.Trainer, quantized: nn.Module, reference: nn.Module, inputs: list[ModelInput], source: Any
+    ) -> None:
+        if self.save_path is None:
+            return
+        folder = os.path.dirname(os.path.abspath(self.save_path))
+        try:
+            os.makedirs(folder, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder):
+                pass
+        except OSError as error:
+            raise ValueError(f"`save_path={self.save_path!r}`: its folder cannot be written ({error})") from error
+        if not inputs:
             return
         with tempfile.TemporaryDirectory() as scratch:
-            path = os.path.join(scratch, "rehearsal")
-            if self.compress:
-                save_compressed(quantized, example, path, dtype=self.dtype)
-            else:
-                save_quantized(quantized, example, path, dtype=self.dtype)
+            write_verified(
+                quantized,
+                os.path.join(scratch, "rehearsal"),
+                inputs,
+                compress=self.compress,
+                reference=reference,
+                metadata={"dtype": self.dtype},
+                measure=self._artifact_measure(trainer, quantized, source),
+            )
 
     def _writes_artifact(self, trainer: pl.Trainer) -> bool:
         # As Lightning's own checkpointing: nothing is written by a fast_dev_run or while sanity checking.
         return self.save_path is not None and not trainer.fast_dev_run and not trainer.sanity_checking
 
-    def _save(self, trainer: pl.Trainer, quantized: nn.Module, example: ModelInput) -> int | None:
+    def _save(
+        self,
+        trainer: pl.Trainer,
+        quantized: nn.Module,
+        reference: nn.Module,
+        inputs: list[ModelInput],
+        headline: str | None,
+    ) -> tuple[dict[str, float], list[str]]:
+        """Write the artifact, measured (:func:`lightning_compress.artifact.write_verified`); its figures and the
+        summary's lines about it. When no form reproduces the model, nothing is written and it says so."""
         if not self._writes_artifact(trainer):
             rank_zero_info(f"DynamicQuantization: fast_dev_run, so no artifact is written to {self.save_path}")
-            return None
+            return {}, []
+        try:
+            written = write_verified(
+                quantized,
+                self.save_path,
+                inputs,
+                compress=self.compress,
+                reference=reference,
+                metadata={"dtype": self.dtype},
+                measure=self._artifact_measure(trainer, quantized, None),
+            )
+        except ArtifactMismatch as error:
+            rank_zero_warn(
+                f"DynamicQuantization: no artifact was written to {self.save_path}: {error}. Every figure of the "
+                "quantized model is measured and logged as usual, and `quantized_model` holds it."
+            )
+            return {}, [f"artifact: none written to {self.save_path} (no form reproduced the model; see the warning)"]
+        metrics = written.measured if self.evaluate and written.calls else {}
+        results = {f"quantization/{name}_artifact": value for name, value in metrics.items()}
+        if headline in metrics:
+            results[report.ACCURACY_ARTIFACT] = metrics[headline]
         if self.compress:
-            return save_compressed(quantized, example, self.save_path, dtype=self.dtype)
-        save_quantized(quantized, example, self.save_path, dtype=self.dtype)
-        return None
+            results[report.SIZE_COMPRESSED] = written.size / 1e6
+        return results, report.artifact_lines(self.save_path, written, metrics, headline, self.evaluate)
+
+    def _artifact_measure(
+        self, trainer: pl.Trainer, quantized: nn.Module, source: Any
+    ) -> Callable[[CheckedArtifact], dict[str, float]] | None:
+        """How to evaluate the artifact as ``_after`` is evaluated: the module's own validation (or the metric)
+        run with the artifact in place of the quantized model's forward."""
+        if not self.evaluate:
+            return None
+        if self._uses_validation_step(quantized):
+            loaders = source if source is not None else compat.raw_val_dataloaders(trainer)
+
+            def validate(checked: CheckedArtifact) -> dict[str, float]:
+                # a shallow copy (same layers) runs the artifact; the quantized model stays what it is compared with
+                runner = copy.copy(quantized)
+                with _forward_replaced(runner, checked):
+                    return evaluation.validate(runner, loaders)
+
+            return validate
+
+        def metric(checked: CheckedArtifact) -> dict[str, float]:
+            batches = source if source is not None else self._batches(trainer)
+            return {"accuracy": self._metric_value(_Calling(checked), batches)}
+
+        return metric
 
     def _results(self, comparison: pipeline.Comparison, headline: str | None) -> dict[str, float]:
         results: dict[str, float] = {}
@@ -509,6 +647,35 @@ def _timed(stages: dict[str, float], stage: str, announce: bool = False) -> Iter
         yield
     finally:
         stages[stage] = stages.get(stage, 0.0) + time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def _forward_replaced(module: nn.Module, forward: Callable[..., Any]) -> Iterator[None]:
+    """``module(...)`` runs ``forward`` for a while (its hooks, its ``validation_step`` unchanged)."""
+    module.__dict__["forward"] = forward
+    try:
+        yield
+    finally:
+        del module.__dict__["forward"]
+
+
+class _Calling(nn.Module):
+    """A module whose forward is a given callable (an artifact, called as the model is)."""
+
+    def __init__(self, call: Callable[..., Any]) -> None:
+        super().__init__()
+        self.call = call
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.call(*args, **kwargs)
+
+
+def _without(names: list[str], refused: dict[str, str]) -> list[str]:
+    kept = [name for name in names if name not in refused]
+    if not kept:
+        reasons = "; ".join(f"{name}: {reason}" for name, reason in refused.items())
+        raise ValueError(f"DynamicQuantization would quantize nothing: the backend cannot take {reasons}")
+    return kept
 
 
 def _shape_changes(before: nn.Module, after: nn.Module) -> list[str]:

@@ -34,6 +34,7 @@ def log_to_loggers(trainer: pl.Trainer, metrics: Mapping[str, float]) -> None:
 
 ACCURACY_BEFORE = "quantization/accuracy_before"
 ACCURACY_AFTER = "quantization/accuracy_after"
+ACCURACY_ARTIFACT = "quantization/accuracy_artifact"
 SIZE_BEFORE = "quantization/size_mb_before"
 SIZE_AFTER = "quantization/size_mb_after"
 LATENCY_BEFORE = "quantization/latency_ms_before"
@@ -185,6 +186,32 @@ def _timed_inputs(described: Sequence[str], source: str | None) -> str:
     """``evaluation batches (2): (float32[256, 64]) x1, (float32[103, 64]) x1``: the calls timed, by shape."""
     shapes = ", ".join(f"{d} x{described.count(d)}" for d in dict.fromkeys(described))
     return f"{source or 'inputs'} ({len(described)}): {shapes}"
+
+
+def artifact_lines(
+    path: str, written: Any, metrics: Mapping[str, float], headline: str | None, evaluated: bool
+) -> list[str]:
+    """The summary's lines about an artifact that was written and measured (``written``: a
+    :class:`lightning_compress.artifact.Written`): its form and size, on how many input shapes it was compared,
+    its metrics, and why an earlier form was not kept."""
+    lines = [
+        f"artifact: {path} ({written.form} form, {written.size / 1e6:.3f} MB), reloaded from disk and compared with "
+        f"the quantized model on {len(written.compared)} input shape(s)"
+    ]
+    if metrics:
+        ordered = sorted(metrics, key=lambda name: name != headline)
+        lines.append(
+            "artifact measured as the quantized model was: "
+            + ", ".join(f"{name} {metrics[name]:.4f}" for name in ordered)
+        )
+    elif evaluated:
+        lines.append(
+            "artifact: its metrics were not measured, as validation never calls forward (self(...)); it was "
+            "compared on example_input_array only"
+        )
+    for form, reason in written.rejected.items():
+        lines.append(f"artifact: the {form} form was not kept: {reason[:300]}")
+    return lines
 
 
 def _metric_names(results: Mapping[str, float]) -> list[str]:

@@ -8,7 +8,15 @@ import torch
 from torch import nn
 
 from lightning_compress import pipeline
-from lightning_compress.inputs import ModelInput, capture_inputs, forward_adapter, plain_outputs
+from lightning_compress.inputs import (
+    ModelInput,
+    capture_inputs,
+    forward_adapter,
+    forward_call,
+    named_inputs,
+    plain_outputs,
+    restore_outputs,
+)
 from lightning_compress.kernels import FLOAT_DENSE, QUANTIZED_DENSE, SPARSE_CSR, choose_kernel
 from lightning_compress.report import summary_table
 
@@ -93,16 +101,43 @@ def test_plain_outputs_of_dataclasses_mappings_and_sequences():
     assert list(nested) == ["a"] and isinstance(nested["a"], tuple) and isinstance(nested["a"][1], list)
 
 
-def test_forward_adapter_names_positional_and_keyword_inputs():
+def test_forward_adapter_names_inputs_as_forward_does_and_leaves_out_default_non_tensors():
     class Mixed(nn.Module):
-        def forward(self, x, scale=None, *, shift):
-            return Output(x * scale + shift)
+        def forward(self, x, scale=None, temperature=1.0, *, shift):
+            return Output(x * scale / temperature + shift)
 
-    example = ModelInput((torch.ones(2),), {"scale": torch.full((2,), 2.0), "shift": torch.ones(2)})
+    example = ModelInput((torch.ones(2), torch.full((2,), 2.0), 1.0), {"shift": torch.ones(2)})
     adapter, trace_inputs = forward_adapter(Mixed(), example)
-    assert list(trace_inputs) == ["input_0", "scale", "shift"]
+    assert list(trace_inputs) == ["x", "scale", "shift"]  # temperature=1.0 is its default: not an input
     traced = torch.jit.trace(adapter, example_kwarg_inputs=trace_inputs, strict=False)
-    assert torch.equal(traced(*example.args, **example.kwargs)["logits"], torch.full((2,), 3.0))
+    expected = torch.full((2,), 3.0)
+    assert torch.equal(traced(torch.ones(2), torch.full((2,), 2.0), shift=torch.ones(2))["logits"], expected)
+    assert torch.equal(traced(x=torch.ones(2), scale=torch.full((2,), 2.0), shift=torch.ones(2))["logits"], expected)
+
+
+def test_named_inputs_of_var_positional_and_var_keyword_forwards():
+    class Star(nn.Module):
+        def forward(self, x, *rest, **extra):
+            return x
+
+    t = torch.ones(1)
+    named = named_inputs(Star().forward, ModelInput((t, t, t), {"mask": t}))
+    assert list(named) == ["x", "input_0", "input_1", "mask"]
+    args, kwargs = forward_call(Star().forward, list(named))(named)
+    assert len(args) == 3 and list(kwargs) == ["mask"]
+
+
+def test_restore_outputs_gives_back_the_model_output_types():
+    from collections import namedtuple
+
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    t = torch.ones(2)
+    pair = namedtuple("Pair", "a b")
+    template = {"out": SequenceClassifierOutput(logits=t), "pair": pair(t, t), "data": Output(t)}
+    restored = restore_outputs(plain_outputs(template), template)
+    assert isinstance(restored["out"], SequenceClassifierOutput) and torch.equal(restored["out"].logits, t)
+    assert isinstance(restored["pair"], pair) and isinstance(restored["data"], Output)
 
 
 def test_captured_inputs_are_ordinary_cpu_tensors_even_from_inference_mode():

@@ -23,7 +23,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_compress import DynamicQuantization, MagnitudePruning
+from lightning_compress import DynamicQuantization, MagnitudePruning, load_quantized
 from lightning_compress.inputs import plain_outputs
 
 
@@ -165,7 +165,7 @@ def test_two_input_model(quiet_trainer_kwargs, tmp_path, run_in_fresh_process):
     assert quant.results["quantization/accuracy_after"] == quant.results["quantization/val_acc_after"]
     x = torch.rand(5, 64)
     brightness = x.mean(dim=1, keepdim=True)
-    loaded = run_in_fresh_process("load_quantized", tmp_path / "two.lcz", {"input_0": x, "brightness": brightness})
+    loaded = run_in_fresh_process("load_quantized", tmp_path / "two.lcz", {"pixels": x, "brightness": brightness})
     assert torch.equal(loaded, quant.quantized_model(x, brightness=brightness))
 
 
@@ -177,13 +177,16 @@ class CompiledDigits(DigitsMLP):
         return F.cross_entropy(self(batch[0]), batch[1])
 
 
-@pytest.mark.parametrize("where", ["module", "submodule"])
+@pytest.mark.parametrize("where", ["module", "submodule", "in_place"])
 def test_compiled_models_are_quantized_for_real_and_independent_of_the_original(
     quiet_trainer_kwargs, tmp_path, where, run_in_fresh_process
 ):
     model = CompiledDigits(hidden=32)
     if where == "submodule":
         model.net = torch.compile(model.net, backend="eager")
+        fitted = model
+    elif where == "in_place":
+        model.compile(backend="eager")  # LightningModule.compile(): nn.Module's, in place
         fitted = model
     else:
         fitted = torch.compile(model, backend="eager")  # Lightning unwraps it and keeps the compiled forward
@@ -267,6 +270,8 @@ def test_a_forward_never_called_in_validation_needs_example_input_array(quiet_tr
     quant = DynamicQuantization(save_path=tmp_path / "m.ts")
     _fit(quiet_trainer_kwargs, [quant], model, datamodule=DigitsDataModule())
     assert (tmp_path / "m.ts").exists() and "quantization/val_loss_after" in quant.results
+    # validation never called forward, so never the artifact: no figure claims to be the artifact's
+    assert not any(key.endswith("_artifact") for key in quant.results)
 
 
 # ---------------------------------------------------------------------------------------------- Lightning conventions
@@ -322,3 +327,5 @@ def test_a_module_without_validation_step_and_two_inputs(quiet_trainer_kwargs, t
     with torch.inference_mode():
         expected = quant.quantized_model(inputs, target)
     assert torch.equal(run_in_fresh_process("load_quantized", tmp_path / "demo.ts", (inputs, target)), expected)
+    # a tuple example_input_array, and the artifact is still called by forward's names
+    assert torch.equal(load_quantized(tmp_path / "demo.ts")(inputs=inputs, target=target), expected)

@@ -162,7 +162,8 @@ def test_a_quantization_failure_on_rank_zero_ends_every_rank_without_hanging(tmp
     )
     assert result.returncode != 0
     if when == "early":  # before training, on every rank
-        assert "rehearsed its end-of-fit work on one batch before training, and it failed" in result.stderr
+        assert "rehearsed its end-of-fit work before training (on the first, the last" in result.stderr
+        assert "validation batches), and it failed" in result.stderr
         assert not list(tmp_path.glob("**/rank*.pt"))
     else:  # after training, on rank zero, while the others return from their fit (or Lightning's launcher ends them)
         assert "DynamicQuantization failed after training (RuntimeError: injected failure" in result.stderr
