@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_compress import compressed, headers
-from lightning_compress.backends import torch_internal_warnings_silenced
+from lightning_compress.compat import torch_internal_warnings_silenced
 from lightning_compress.compressed import DEFAULT_MAX_BYTES
 from lightning_compress.headers import ArtifactError
 from lightning_compress.inputs import ModelInput, forward_adapter, named_inputs, plain_outputs

@@ -10,15 +10,13 @@ behind this seam: when torchao is the better CPU path, only this module changes,
 from __future__ import annotations
 
 import contextlib
-import os
-import re
-import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
+from lightning_compress.compat import torch_internal_warnings_silenced
 from lightning_compress.copying import Copier
 from lightning_compress.verification import short_error
 
@@ -26,39 +24,6 @@ from lightning_compress.verification import short_error
 #: fly inside these layers, so there is no separate module to quantize (ReLU, Conv2d... have no dynamic form).
 SUPPORTED_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell, nn.RNNCell)
 DTYPES = {"qint8": torch.qint8, "float16": torch.float16}
-
-_TORCH_DIR = os.path.dirname(torch.__file__)
-
-
-# Notices that torch raises about its own APIs, which we call and the user did not.
-_INTERNAL_NOTICES = re.compile(
-    r"torch\.ao\.quantization is deprecated"
-    r"|quantized tensor creation functions .* are deprecated"
-    r"|`torch\.jit\.\w+` is deprecated"
-    r"|Sparse CSR tensor support is in beta state"
-    # torchmetrics' deprecated property, read by torch.jit.trace as it walks a LightningModule's metrics
-    r"|Use `Metric\.updated_called` instead"
-)
-
-
-@contextlib.contextmanager
-def torch_internal_warnings_silenced() -> Iterator[None]:
-    """Drop the warnings torch raises about its own internals while we call it; re-emit every other one.
-
-    Dropped: deprecation notices of torch.ao quantization, quantized tensor creation and torch.jit (the user did
-    not call them and cannot act on them; the README says which backend we use and why), and tracer remarks
-    raised inside torch's own files (its quantized LSTM code). Everything else, the user's own warnings
-    included, is re-emitted unchanged.
-    """
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        yield
-    for w in caught:
-        if _INTERNAL_NOTICES.search(str(w.message)):
-            continue
-        if issubclass(w.category, torch.jit.TracerWarning) and w.filename.startswith(_TORCH_DIR):
-            continue
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def quantize_dynamic_copy(

@@ -2,38 +2,40 @@
 
 Checked against torch 2.13.0, lightning 2.6.6 and torchmetrics 1.9.0 (CI). Each function says what it reads and
 why no public API does the same; the tests that cover them fail on an upgrade that changes these internals.
+
+Lightning is imported inside the functions that read it, never at the top: the plain-torch parts of the package
+(the pruning core, sharding, shrink, the artifacts) use this module's torch entries without importing Lightning.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import re
 import sys
-from collections.abc import Callable
-from typing import Any
+import warnings
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
-import lightning.pytorch as pl
 import torch
-import torchmetrics
-from lightning.pytorch.callbacks import Callback, RichProgressBar, StochasticWeightAveraging
-from lightning.pytorch.strategies import (
-    DDPStrategy,
-    DeepSpeedStrategy,
-    FSDPStrategy,
-    ModelParallelStrategy,
-    SingleDeviceStrategy,
-)
 from torch import nn
 
-from lightning_compress.copying import Copier
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+    import torchmetrics
+    from lightning.pytorch.callbacks import Callback
 
-try:  # lightning >= 2.5
-    from lightning.pytorch.callbacks import WeightAveraging
-except ImportError:  # pragma: no cover - older Lightning
-    WeightAveraging = None
 
-#: Callbacks that overwrite the module's weights with averaged ones at the end of training.
-WEIGHT_AVERAGING_CALLBACKS: tuple[type[Callback], ...] = tuple(
-    c for c in (StochasticWeightAveraging, WeightAveraging) if c is not None
-)
+def weight_averaging_callbacks() -> tuple[type[Callback], ...]:
+    """Callbacks that overwrite the module's weights with averaged ones at the end of training (SWA, and
+    Lightning's ``WeightAveraging`` from 2.5 on)."""
+    from lightning.pytorch.callbacks import StochasticWeightAveraging
+
+    try:  # lightning >= 2.5
+        from lightning.pytorch.callbacks import WeightAveraging
+    except ImportError:  # pragma: no cover - older Lightning
+        return (StochasticWeightAveraging,)
+    return (StochasticWeightAveraging, WeightAveraging)
 
 
 _DEEPSPEED_WHY = (
@@ -49,11 +51,21 @@ _FSDP1_WHY = (
 
 def is_sharded_strategy(trainer: pl.Trainer) -> bool:
     """Whether the trainer runs ``ModelParallelStrategy`` (parameters may be ``DTensor`` shards)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
     return isinstance(trainer.strategy, ModelParallelStrategy)
 
 
 def require_supported_strategy(trainer: pl.Trainer, callback: str) -> None:
     """Raise a ``ValueError`` naming ``callback`` unless the strategy is single-device, DDP or ModelParallel."""
+    from lightning.pytorch.strategies import (
+        DDPStrategy,
+        DeepSpeedStrategy,
+        FSDPStrategy,
+        ModelParallelStrategy,
+        SingleDeviceStrategy,
+    )
+
     strategy = trainer.strategy
     supported = (SingleDeviceStrategy, DDPStrategy, ModelParallelStrategy)
     if isinstance(strategy, supported) and not isinstance(strategy, (DeepSpeedStrategy, FSDPStrategy)):
@@ -126,9 +138,11 @@ def uncompiled_copy(
     (``_orig_mod``); ``nn.Module.compile()`` (in place, also ``LightningModule.compile()``) keeps a compiled
     ``_call_impl`` of the original module in ``_compiled_call_impl`` (torch 2.13), which ``__call__`` runs instead
     of ``forward``. A plain deep copy would still run the original module's compiled graph, on its weights.
-    ``deepcopy(module, memo)`` makes the copy; default: a :class:`lightning_compress.copying.Copier` (other
+    ``deepcopy(module, memo)`` makes the copy; default: a :class:`lightning_compress.quantization.copying.Copier` (other
     tools' hooks left behind, attributes that cannot be copied shared).
     """
+    from lightning_compress.copying import Copier
+
     memo = {} if memo is None else memo
     deepcopy = deepcopy or Copier()
     optimized = torch._dynamo.eval_frame.OptimizedModule
@@ -236,6 +250,8 @@ def forget_metric_attributes(module: nn.Module) -> None:
     cache, whose ids are not the copy's metrics, and logging then fails with "Could not find the LightningModule
     attribute for the torchmetrics.Metric logged".
     """
+    import lightning.pytorch as pl
+
     for m in module.modules():
         if isinstance(m, pl.LightningModule):
             m._metric_attributes = None
@@ -255,8 +271,44 @@ def finish_progress_display(trainer: pl.Trainer) -> None:
     is closed at ``on_train_end``, but its last newline waits in ``sys.stdout``'s buffer while the logging module
     writes to ``sys.stderr``: both are flushed.
     """
+    from lightning.pytorch.callbacks import RichProgressBar
+
     bar = trainer.progress_bar_callback
     if isinstance(bar, RichProgressBar):
         bar._stop_progress()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+# Notices that torch raises about its own APIs, which we call and the user did not.
+_INTERNAL_NOTICES = re.compile(
+    r"torch\.ao\.quantization is deprecated"
+    r"|quantized tensor creation functions .* are deprecated"
+    r"|`torch\.jit\.\w+` is deprecated"
+    r"|Sparse CSR tensor support is in beta state"
+    # torchmetrics' deprecated property, read by torch.jit.trace as it walks a LightningModule's metrics
+    r"|Use `Metric\.updated_called` instead"
+)
+
+
+@contextlib.contextmanager
+def torch_internal_warnings_silenced() -> Iterator[None]:
+    """Drop the warnings torch raises about its own internals while we call it; re-emit every other one.
+
+    Dropped: deprecation notices of torch.ao quantization, quantized tensor creation and torch.jit (the user did
+    not call them and cannot act on them; the README says which backend we use and why), and tracer remarks
+    raised inside torch's own files (its quantized LSTM code). Everything else, the user's own warnings
+    included, is re-emitted unchanged.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for w in caught:
+        if _INTERNAL_NOTICES.search(str(w.message)):
+            continue
+        if issubclass(w.category, torch.jit.TracerWarning) and w.filename.startswith(_TORCH_DIR):
+            continue
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)

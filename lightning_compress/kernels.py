@@ -18,7 +18,8 @@ import torch
 import torch.utils.benchmark as benchmark
 from torch import Tensor, nn
 
-from lightning_compress.backends import quantize_dynamic_copy, torch_internal_warnings_silenced
+from lightning_compress.backends import quantize_dynamic_copy
+from lightning_compress.compat import torch_internal_warnings_silenced
 from lightning_compress.copying import Copier
 from lightning_compress.inputs import ModelInput
 

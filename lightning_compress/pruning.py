@@ -347,7 +347,7 @@ class MagnitudePruning(Callback):
 
     def _check_sharded_settings(self, trainer: pl.Trainer) -> None:
         """What is not supported yet under ModelParallelStrategy fails here, before training."""
-        averaging = [type(c).__name__ for c in trainer.callbacks if isinstance(c, compat.WEIGHT_AVERAGING_CALLBACKS)]
+        averaging = [type(c).__name__ for c in trainer.callbacks if isinstance(c, compat.weight_averaging_callbacks())]
         unsupported = {
             "structure='groups'": self.structure == "groups",  # traces the whole model on one process
             f"max_drop={self.max_drop}": self.max_drop is not None,  # its snapshot is not gathered into checkpoints
@@ -367,7 +367,7 @@ class MagnitudePruning(Callback):
         in training are not 0. Lightning calls callbacks in list order.
         """
         callbacks = list(trainer.callbacks)
-        positions = [i for i, c in enumerate(callbacks) if isinstance(c, compat.WEIGHT_AVERAGING_CALLBACKS)]
+        positions = [i for i, c in enumerate(callbacks) if isinstance(c, compat.weight_averaging_callbacks())]
         if self in callbacks and positions and positions[-1] > callbacks.index(self):
             callbacks.remove(self)
             callbacks.insert(positions[-1], self)
@@ -875,7 +875,8 @@ class MagnitudePruning(Callback):
     ) -> None:
         # SWA/EMA-style callbacks (run before this one, see setup) replace the checkpoint's weights with their
         # averages: keep the pruned entries of those at 0 too, under every name of each parameter.
-        if self._masks is None or not any(isinstance(c, compat.WEIGHT_AVERAGING_CALLBACKS) for c in trainer.callbacks):
+        averaging = compat.weight_averaging_callbacks()
+        if self._masks is None or not any(isinstance(c, averaging) for c in trainer.callbacks):
             return
         state = checkpoint.get("state_dict", {})
         for name, mask in zip(self._names, self._masks):
