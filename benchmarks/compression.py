@@ -23,7 +23,7 @@ import torch.utils.benchmark as benchmark
 from torch import nn
 
 from lightning_compress import masks as engine
-from lightning_compress.artifact import save_compressed
+from lightning_compress import save_compressed
 from lightning_compress.backends import quantize_dynamic_copy
 from lightning_compress.kernels import build_with_kernels, choose_linear_kernels
 from lightning_compress.measure import serialized_size_bytes

@@ -15,11 +15,11 @@ _EXPORTS = {
     "MagnitudePruning": "lightning_compress.pruning",
     "DynamicQuantization": "lightning_compress.quantization",
     "QuantizationError": "lightning_compress.quantization",
-    "load_quantized": "lightning_compress.artifact",
-    "save_quantized": "lightning_compress.artifact",
-    "save_compressed": "lightning_compress.artifact",
-    "load_compressed": "lightning_compress.artifact",
-    "ArtifactError": "lightning_compress.compressed",
+    "load_quantized": "lightning_compress.artifacts",
+    "save_quantized": "lightning_compress.artifacts",
+    "save_compressed": "lightning_compress.artifacts",
+    "load_compressed": "lightning_compress.artifacts",
+    "ArtifactError": "lightning_compress.artifacts",
     "shrink": "lightning_compress.shrinking",
 }
 __all__ = sorted(_EXPORTS)

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_compress.artifacts.verification import short_error
 from lightning_compress.compat import torch_internal_warnings_silenced
 from lightning_compress.copying import Copier
-from lightning_compress.verification import short_error
 
 #: Float module types that dynamic quantization replaces, and nothing else: activations are quantized on the
 #: fly inside these layers, so there is no separate module to quantize (ReLU, Conv2d... have no dynamic form).

@@ -1,7 +1,7 @@
 """``DynamicQuantization``: post-training dynamic quantization at the end of ``fit``, measured and logged.
 
 The work is done by plain functions (:mod:`lightning_compress.pipeline`, :mod:`lightning_compress.evaluation`,
-:mod:`lightning_compress.artifact`); this callback decides when, on which rank and with which data, rehearses the
+:mod:`lightning_compress.artifacts`); this callback decides when, on which rank and with which data, rehearses the
 whole path before training on the validation batches that vary (:mod:`lightning_compress.rehearsal`), and logs
 what it measured. Neither changes what training computes (:mod:`lightning_compress.isolation`).
 """
@@ -40,14 +40,14 @@ from lightning_compress import (
     report,
     sharding,
 )
-from lightning_compress.artifact import write_verified
+from lightning_compress.artifacts import write_verified
+from lightning_compress.artifacts.verification import ArtifactMismatch, CheckedArtifact, short_error
 from lightning_compress.backends import DTYPES, SUPPORTED_MODULES
 from lightning_compress.copying import CopyReport
 from lightning_compress.inputs import ModelInput, capture_inputs
 from lightning_compress.kernels import KernelChoice, build_with_kernels, choose_linear_kernels
 from lightning_compress.protocols import PruningCallback, SummaryLines
 from lightning_compress.shrinking import SHRINK_HINT, shrink
-from lightning_compress.verification import ArtifactMismatch, CheckedArtifact, short_error
 
 #: Latency is timed on (up to) this many evaluation batches.
 LATENCY_BATCHES = 32
@@ -95,10 +95,10 @@ class DynamicQuantization(Callback):
             ``(input, target)`` path; default: the trainer's validation dataloader(s), the full set also under DDP.
         save_path: write a standalone artifact there (see :func:`lightning_compress.load_quantized`), called as the
             module's forward is called. It is written only if, reloaded from disk, it reproduces ``quantized_model``
-            on every validation input signature (see :func:`lightning_compress.artifact.write_verified`: a trace,
+            on every validation input signature (see :func:`lightning_compress.artifacts.write_verified`: a trace,
             else a script); otherwise nothing is left there and a warning names the input that differs.
         baseline_accuracy: optional accuracy of a reference model measured elsewhere, shown in the summary table.
-        compress: write ``save_path`` in the compressed format (see :mod:`lightning_compress.compressed`).
+        compress: write ``save_path`` in the compressed format (see :mod:`lightning_compress.artifacts.compressed`).
         sparse_kernels: ``"auto"``: for each quantizable Linear, time quantized dense, fp32 sparse (CSR) and fp32
             dense on its real input and keep quantized dense unless another is clearly faster (see
             :func:`lightning_compress.kernels.choose_kernel`); ``"off"``: quantize every selected Linear.
@@ -552,7 +552,7 @@ class DynamicQuantization(Callback):
         inputs: list[ModelInput],
         headline: str | None,
     ) -> tuple[dict[str, float], list[str]]:
-        """Write the artifact, measured (:func:`lightning_compress.artifact.write_verified`); its figures and the
+        """Write the artifact, measured (:func:`lightning_compress.artifacts.write_verified`); its figures and the
         summary's lines about it. When no form reproduces the model, nothing is written and it says so."""
         if not self._writes_artifact(trainer):
             rank_zero_info(f"DynamicQuantization: fast_dev_run, so no artifact is written to {self.save_path}")

@@ -192,7 +192,7 @@ def artifact_lines(
     path: str, written: Any, metrics: Mapping[str, float], headline: str | None, evaluated: bool
 ) -> list[str]:
     """The summary's lines about an artifact that was written and measured (``written``: a
-    :class:`lightning_compress.artifact.Written`): its form and size, on how many input shapes it was compared,
+    :class:`lightning_compress.artifacts.Written`): its form and size, on how many input shapes it was compared,
     its metrics, and why an earlier form was not kept."""
     lines = [
         f"artifact: {path} ({written.form} form, {written.size / 1e6:.3f} MB), reloaded from disk and compared with "

@@ -15,11 +15,13 @@ from hypothesis import strategies as st
 from torch import nn
 
 from lightning_compress import ArtifactError, load_quantized, save_compressed, save_quantized
-from lightning_compress.artifact import FORMAT, VERSION, make_archive, write_verified
+from lightning_compress.artifacts import write_verified
+from lightning_compress.artifacts.compressed import MAGIC
+from lightning_compress.artifacts.torchscript import FORMAT, VERSION
+from lightning_compress.artifacts.torchscript import make as make_archive
+from lightning_compress.artifacts.verification import ArtifactMismatch, Reference, compare
 from lightning_compress.backends import quantize_dynamic_copy, torch_internal_warnings_silenced
-from lightning_compress.compressed import MAGIC
 from lightning_compress.inputs import ModelInput
-from lightning_compress.verification import ArtifactMismatch, Reference, compare
 
 
 def _quantized_mlp():

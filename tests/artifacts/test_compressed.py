@@ -6,8 +6,8 @@ from helpers import pruned_mlp
 from torch import nn
 
 from lightning_compress import ArtifactError, load_compressed, load_quantized, save_compressed
+from lightning_compress.artifacts.compressed import VERSION, decode
 from lightning_compress.backends import quantize_dynamic_copy
-from lightning_compress.compressed import VERSION, decode
 from lightning_compress.measure import serialized_size_bytes
 
 
@@ -111,7 +111,7 @@ def _rechecksummed(header: dict, payload: bytes, header_length: int | None = Non
     import hashlib
     import json
 
-    from lightning_compress.compressed import MAGIC
+    from lightning_compress.artifacts.compressed import MAGIC
 
     header_bytes = json.dumps(header).encode()
     length = len(header_bytes) if header_length is None else header_length
@@ -131,7 +131,7 @@ def _bomb(tmp_path, megabytes: int) -> bytes:
     import io
     import zipfile
 
-    from lightning_compress.compressed import encode
+    from lightning_compress.artifacts.compressed import encode
 
     archive = io.BytesIO()
     with zipfile.ZipFile(archive, "w") as z:
@@ -142,7 +142,7 @@ def _bomb(tmp_path, megabytes: int) -> bytes:
 def test_a_decompression_bomb_is_decoded_as_a_stream(tmp_path):
     import tracemalloc
 
-    from lightning_compress.compressed import decode_to
+    from lightning_compress.artifacts.compressed import decode_to
 
     data = _bomb(tmp_path, 32)
     declared = 32 * 2**20

@@ -1,6 +1,6 @@
 """The compressed artifact format: the zeros that pruning made cost (almost) nothing on disk. A codec only:
 :func:`encode` turns the bytes of a TorchScript archive into the format, :func:`decode` turns them back, checked
-and bounded. Saving and loading models is :mod:`lightning_compress.artifact`'s job.
+and bounded. Saving and loading models is :mod:`lightning_compress.artifacts`'s job.
 
 Encoding, per archive member: tensor storages (``data/N``) are split into a packed bitmask of their nonzero bytes
 plus those bytes (a zeroed int8 weight costs one bit; a zeroed float32 weight four bits), everything else is kept
@@ -39,8 +39,8 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from lightning_compress import headers
-from lightning_compress.headers import ArtifactError
+from lightning_compress.artifacts import headers
+from lightning_compress.artifacts.headers import ArtifactError
 
 __all__ = ["ArtifactError", "decode", "decode_to", "encode", "is_compressed"]
 

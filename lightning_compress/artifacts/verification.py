@@ -40,6 +40,10 @@ class ArtifactMismatch(RuntimeError):
     """The artifact does not reproduce its model on an input; the message names the input's shapes and how."""
 
 
+class FormError(RuntimeError):
+    """One artifact form cannot be made of a model; the message names the input or output at fault and the fix."""
+
+
 class UnsupportedCall(RuntimeError):
     """The artifact cannot take a call the model takes; the message names the input and the fix."""
 

@@ -1,176 +1,52 @@
-"""Standalone artifacts of quantized (or pruned float) models: one home for saving and loading both formats.
+"""The TorchScript format: a ``torch.jit`` archive of the model, with our JSON header
+``lightning_compress.json`` (format, version, torch version, quantized engine, form, the inputs it takes, metadata).
 
-* :func:`save_quantized` writes a TorchScript archive that carries a small JSON header, ``lightning_compress.json``
-  (format, version, torch version, quantized engine, form, the inputs it takes, metadata);
-* :func:`save_compressed` writes the same archive in the compressed format of :mod:`lightning_compress.compressed`;
-* :func:`write_verified` is what both do, and what ``DynamicQuantization`` does at fit end with every validation
-  input: try each form, write it beside ``path``, load it back from disk, compare it with the model, keep the first
-  that reproduces the model, and leave nothing at ``path`` when none does;
-* :func:`load_quantized` loads either format (``load_compressed`` insists on the compressed one), under the
-  quantized engine the artifact was made with. Every failure to load is an :class:`ArtifactError` saying what is
-  wrong and what to do, or ``FileNotFoundError`` naming the path.
-
-Forms, in the order they are tried: ``"trace"`` (``torch.jit.trace`` on one real input: any Python the forward
-runs, but one path through it, recorded for that input) and ``"script"`` (``torch.jit.script``: loops and
-branches on shapes and values kept, for forwards TorchScript can compile). ``torch.export`` with dynamic
-dimensions would be the maintained path, but it cannot hold torch.ao's quantized Linear or LSTM in torch 2.13.
+Forms, in the order :func:`lightning_compress.artifacts.write_verified` tries them: ``"trace"``
+(``torch.jit.trace`` on one real input: any Python the forward runs, but one path through it, recorded for that
+input) and ``"script"`` (``torch.jit.script``: loops and branches on shapes and values kept, for forwards
+TorchScript can compile). ``torch.export`` with dynamic dimensions would be the maintained path, but it cannot hold
+torch.ao's quantized Linear or LSTM in torch 2.13.
 
 Why TorchScript: a fresh process loads it with nothing but torch (no user model class, no pickle of user code),
 and libtorch loads it from C++ too. In torch 2.13 it is deprecated but supported, and it is the only standalone
 format that holds dynamically quantized LSTMs; ``torch.save`` of the module pickles the user's class.
 
 What loading trusts: a TorchScript archive holds code that ``torch.jit.load`` runs, so load only files you trust,
-as with any model file. The compressed format's SHA-256 checksum detects damage (truncation, flipped bytes), not
-intent: whoever writes a file can compute a valid checksum. Both headers are checked field by field.
+as with any model file. The header is checked field by field before anything is loaded.
+
+What a format module offers the package (:mod:`~lightning_compress.artifacts.writing` and
+:mod:`~lightning_compress.artifacts.loading` call these, and a new format offers the same): ``FORMS``;
+:func:`make` (the file's bytes), :func:`artifact_call` (a loaded artifact called as the model is called),
+:func:`in_memory` (a form of a model without a file: the float reference) and :func:`load` (a line in
+:data:`lightning_compress.artifacts.loading.READERS` says which files it takes).
+Knows nothing of callbacks, Lightning or the compressed codec.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import json
-import os
-import tempfile
-import uuid
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
 import torch
 from torch import Tensor, nn
 
-from lightning_compress import compressed, headers
+from lightning_compress.artifacts import headers
+from lightning_compress.artifacts.headers import ArtifactError
+from lightning_compress.artifacts.verification import FormError, UnsupportedCall, short_error
 from lightning_compress.compat import torch_internal_warnings_silenced
-from lightning_compress.compressed import DEFAULT_MAX_BYTES
-from lightning_compress.headers import ArtifactError
 from lightning_compress.inputs import ModelInput, forward_adapter, named_inputs, plain_outputs
-from lightning_compress.verification import (
-    ArtifactMismatch,
-    CheckedArtifact,
-    Reference,
-    UnsupportedCall,
-    short_error,
-)
 
 FORMAT = "lightning_compress.quantized"
 VERSION = 2
 FORMS = ("trace", "script")
 _HEADER = "lightning_compress.json"
-_UNBOUNDED = 2**63 - 1  # reading back a file we have just written
 
 
-class FormError(RuntimeError):
-    """One artifact form cannot be made of a model; the message names the input or output at fault and the fix."""
-
-
-# ---------------------------------------------------------------------------------------------- saving
-def save_quantized(
-    model: nn.Module, example_input: Any, path: str | os.PathLike, reference: nn.Module | None = None, **metadata: Any
-) -> str:
-    """Write a standalone artifact of ``model`` to ``path``, verified on ``example_input``; returns its form.
-
-    ``example_input`` follows Lightning's ``example_input_array`` convention (a tensor, a tuple of positional
-    inputs, or a dict of keyword inputs) or is a :class:`lightning_compress.inputs.ModelInput`. The artifact is
-    called as ``model``'s forward is called, positionally or by its parameters' names (``artifact(x, mask=m)``;
-    inputs caught by ``*args`` are named ``input_0``, ...; non-tensor inputs left at their default are not
-    inputs of a traced artifact) and returns tensors, tuples of them, or dicts of them (a ``ModelOutput`` or
-    dataclass comes back as a dict of its non-None fields). ``reference``: the float model ``model`` was quantized
-    from, which sets the tolerance of the comparison (see :mod:`lightning_compress.verification`); without it the
-    artifact must agree to float precision. ``metadata``: strings and numbers stored in the header.
-
-    Raises:
-        ArtifactMismatch: no form reproduces the model on ``example_input``; the message says why for each form.
-            Nothing is left at ``path``.
-    """
-    example = ModelInput.from_example(example_input)
-    return write_verified(model, path, [example], reference=reference, metadata=metadata).form
-
-
-def save_compressed(
-    model: nn.Module, example_input: Any, path: str | os.PathLike, reference: nn.Module | None = None, **metadata: Any
-) -> int:
-    """As :func:`save_quantized`, in the format of :mod:`lightning_compress.compressed` (the zeros pruning made
-    cost about a bit each); returns the file's size in bytes."""
-    example = ModelInput.from_example(example_input)
-    return write_verified(model, path, [example], compress=True, reference=reference, metadata=metadata).size
-
-
-@dataclasses.dataclass
-class Written:
-    """What :func:`write_verified` kept: the form, the file's size, the inputs compared (described by their
-    shapes), what ``measure`` returned for it and how many calls it made, and why each earlier form was not kept."""
-
-    form: str
-    size: int
-    compared: list[str]
-    measured: Any
-    calls: int
-    rejected: dict[str, str]
-
-
-def write_verified(
-    model: nn.Module,
-    path: str | os.PathLike,
-    inputs: Sequence[ModelInput],
-    compress: bool = False,
-    reference: nn.Module | None = None,
-    metadata: dict[str, Any] | None = None,
-    measure: Callable[[CheckedArtifact], Any] | None = None,
-    forms: Sequence[str] = FORMS,
-) -> Written:
-    """Write the first form of ``model`` that reproduces it to ``path``.
-
-    For each form: made from ``model`` (traced on ``inputs[0]``), written to a temporary file in ``path``'s folder,
-    loaded back from that file with :func:`load_quantized`, and compared with ``model`` on every input of
-    ``inputs`` and then on every call ``measure(checked)`` makes (e.g. the module's own validation run through
-    the artifact), see :class:`lightning_compress.verification.CheckedArtifact`. The first that reproduces is
-    renamed to ``path``; a form that raises or differs is removed and the next one tried.
-
-    Raises:
-        ArtifactMismatch: no form reproduces the model; the message gives each form's reason, with the inputs'
-            shapes. Nothing is left at ``path``, not even an older file.
-    """
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    metadata = dict(metadata or {})
-    problem = headers.scalar_problem(metadata, "metadata")
-    if problem or not inputs:
-        raise ValueError(problem or "write_verified needs at least one input to trace and compare the model on")
-    rejected: dict[str, str] = {}
-    for form in forms:
-        # beside `path`, so that the rename is atomic; created as `open` creates files (the umask's permissions)
-        scratch = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-        try:
-            archive, _ = make_archive(model, form, inputs[0], metadata)
-            data = compressed.encode(archive, {**metadata, "form": form}) if compress else archive
-            with open(scratch, "xb") as f:
-                f.write(data)
-            loaded = load_quantized(scratch, max_bytes=_UNBOUNDED)
-            checked = CheckedArtifact(model, artifact_call(model, loaded, form), _reference(reference, form, inputs[0]))
-            for example in inputs:
-                if example.signature() not in checked.templates:  # one call of each signature is compared
-                    checked(*example.args, **example.kwargs)
-            before = checked.calls
-            measured = measure(checked) if measure is not None else None
-            calls = checked.calls - before
-        except (FormError, ArtifactMismatch) as error:
-            rejected[form] = str(error)
-        except Exception as error:  # the form itself, or the model's code run on it, failed
-            rejected[form] = short_error(error)
-        else:
-            os.replace(scratch, path)
-            return Written(form, len(data), checked.compared, measured, calls, rejected)
-        finally:
-            if os.path.exists(scratch):
-                os.remove(scratch)
-    if os.path.exists(path):
-        os.remove(path)  # an older artifact there is not this model's
-    reasons = "; ".join(f"{form}: {reason}" for form, reason in rejected.items())
-    raise ArtifactMismatch(f"no artifact form reproduces the model ({reasons})")
-
-
-def make_archive(model: nn.Module, form: str, example: ModelInput, metadata: dict[str, Any]) -> tuple[bytes, list]:
+def make(model: nn.Module, form: str, example: ModelInput, metadata: dict[str, Any]) -> tuple[bytes, list]:
     """The bytes of a TorchScript archive of ``model`` in ``form``, with our header, and the inputs it takes."""
     scripted = make_form(model, form, example)
     names = _input_names(scripted)
@@ -232,19 +108,9 @@ def artifact_call(model: nn.Module, artifact: Callable[..., Any], form: str) -> 
     return call
 
 
-def _reference(model: nn.Module | None, form: str, example: ModelInput) -> Reference | None:
-    """The float model and the same form of it, made the first time a comparison needs it (most never do: the
-    artifact usually gives exactly the quantized model's outputs)."""
-    if model is None:
-        return None
-    made: list[Callable[[ModelInput], Any]] = []
-
-    def call(inputs: ModelInput) -> Any:
-        if not made:
-            made.append(artifact_call(model, make_form(model, form, example), form))
-        return made[0](inputs)
-
-    return Reference(model, call)
+def in_memory(model: nn.Module, form: str, example: ModelInput) -> Callable[[ModelInput], Any]:
+    """``model`` made into ``form`` in memory (no file), called as ``model`` is called: the float reference's form."""
+    return artifact_call(model, make_form(model, form, example), form)
 
 
 def _check_traceable_inputs(named: dict[str, Any]) -> None:
@@ -325,56 +191,9 @@ def _lightning_scripting(model: nn.Module) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------------- loading
-def load_quantized(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> torch.jit.ScriptModule:
-    """Load an artifact written by ``DynamicQuantization(save_path=...)``, :func:`save_quantized` or
-    :func:`save_compressed`. Needs only torch: not the training code, not Lightning.
-
-    The quantized weights are packed for the quantized engine recorded in the artifact (``x86``, ``fbgemm``,
-    ``qnnpack``, ...: ``torch.backends.quantized.engine`` when it was saved), so it computes what was measured;
-    the engine set in this process is left as it was.
-
-    Args:
-        path: the file.
-        max_bytes: refuse a compressed artifact that declares more bytes than this once decoded (default 2 GiB).
-
-    Raises:
-        FileNotFoundError: nothing at ``path``.
-        ArtifactError: anything else that makes the file unloadable (another format, a damaged or malformed file,
-            a newer version, an engine this torch build lacks), with what to do.
-    """
-    source = os.fspath(path)
-    data = _read(source)
-    if not compressed.is_compressed(data):
-        return _load_archive(io.BytesIO(data), source)
-    return _load_compressed(data, source, max_bytes)
-
-
-def load_compressed(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> torch.jit.ScriptModule:
-    """Load an artifact written by :func:`save_compressed` (``load_quantized`` reads it too)."""
-    source = os.fspath(path)
-    return _load_compressed(_read(source), source, max_bytes)
-
-
-def _load_compressed(data: bytes, source: str, max_bytes: int) -> torch.jit.ScriptModule:
-    # Decoded into a temporary file that TorchScript reads from: memory holds a few blocks, not the archive.
-    with tempfile.TemporaryFile() as archive:
-        compressed.decode_to(data, archive, source, max_bytes)
-        archive.seek(0)
-        return _load_archive(archive, source)
-
-
-def _read(source: str) -> bytes:
-    if not os.path.exists(source):
-        raise FileNotFoundError(f"No artifact at {source}")
-    if os.path.isdir(source):
-        raise ArtifactError(f"{source} is a folder; pass the artifact file written by save_path=...")
-    with open(source, "rb") as f:
-        return f.read()
-
-
-def _load_archive(archive: BinaryIO, source: str) -> torch.jit.ScriptModule:
-    """Check our header inside the TorchScript archive, then load it under its engine; every failure as an
-    ArtifactError."""
+def load(archive: BinaryIO, source: str) -> torch.jit.ScriptModule:
+    """Check our header inside the TorchScript archive (a binary file), then load it under the quantized engine it
+    was made with; every failure is an :class:`ArtifactError`."""
     header = read_header(archive, source)
     archive.seek(0)
     engine = header.get("engine")
