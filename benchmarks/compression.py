@@ -24,9 +24,9 @@ from torch import nn
 
 from lightning_compress import masks as engine
 from lightning_compress import save_compressed
-from lightning_compress.backends import quantize_dynamic_copy
-from lightning_compress.kernels import build_with_kernels, choose_linear_kernels
-from lightning_compress.measure import serialized_size_bytes
+from lightning_compress.quantization.dynamic import quantize_dynamic_copy
+from lightning_compress.quantization.kernels import build_with_kernels, choose_linear_kernels
+from lightning_compress.quantization.measure import serialized_size_bytes
 
 warnings.filterwarnings("ignore")
 SHORT = {"quantized dense": "int8", "fp32 sparse (CSR)": "csr", "fp32 dense": "fp32"}

@@ -23,8 +23,8 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from digits import DigitsLSTM, DigitsMLP  # noqa: E402
 
-from lightning_compress.backends import quantize_dynamic_copy  # noqa: E402
-from lightning_compress.measure import serialized_size_bytes  # noqa: E402
+from lightning_compress.quantization.dynamic import quantize_dynamic_copy  # noqa: E402
+from lightning_compress.quantization.measure import serialized_size_bytes  # noqa: E402
 
 warnings.filterwarnings("ignore")
 

@@ -6,8 +6,8 @@
   channels of every coupled group zeroed by the grouped update ``MagnitudePruning(structure="groups")`` uses
   (smallest L2 over filters, biases and BatchNorm scale/shift of the whole group).
 
-Latency: ``lightning_compress.pipeline.interleaved_latency`` (both models on the same batches, order reversed every
-round), one thread and two; median of the round medians. Outputs are checked equal first.
+Latency: ``lightning_compress.quantization.figures.interleaved_latency`` (both models on the same batches, order
+reversed every round), one thread and two; median of the round medians. Outputs are checked equal first.
 
     python benchmarks/shrink.py
 """
@@ -28,7 +28,7 @@ from lightning_compress import masks as engine  # noqa: E402
 from lightning_compress import shrink  # noqa: E402
 from lightning_compress.groups import channel_groups  # noqa: E402
 from lightning_compress.inputs import ModelInput  # noqa: E402
-from lightning_compress.pipeline import interleaved_latency  # noqa: E402
+from lightning_compress.quantization.figures import interleaved_latency  # noqa: E402
 
 warnings.filterwarnings("ignore")
 

@@ -13,8 +13,8 @@ __version__ = "0.3.0"
 
 _EXPORTS = {
     "MagnitudePruning": "lightning_compress.pruning",
-    "DynamicQuantization": "lightning_compress.quantization",
-    "QuantizationError": "lightning_compress.quantization",
+    "DynamicQuantization": "lightning_compress.quantization.callbacks",
+    "QuantizationError": "lightning_compress.quantization.callbacks",
     "load_quantized": "lightning_compress.artifacts",
     "save_quantized": "lightning_compress.artifacts",
     "save_compressed": "lightning_compress.artifacts",

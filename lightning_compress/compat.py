@@ -141,7 +141,7 @@ def uncompiled_copy(
     ``deepcopy(module, memo)`` makes the copy; default: a :class:`lightning_compress.quantization.copying.Copier` (other
     tools' hooks left behind, attributes that cannot be copied shared).
     """
-    from lightning_compress.copying import Copier
+    from lightning_compress.quantization.copying import Copier
 
     memo = {} if memo is None else memo
     deepcopy = deepcopy or Copier()

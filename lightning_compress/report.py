@@ -64,8 +64,8 @@ def summary_table(
     how long each stage took.
 
     Every figure comes from ``results``, ``layer_sparsity`` (``name -> (float, quantized)`` fractions of zeros),
-    ``comparison`` (a :class:`lightning_compress.pipeline.Comparison`), ``layers`` (the
-    :class:`lightning_compress.outcomes.LayerOutcome` of each module) and ``stage_seconds``, which
+    ``comparison`` (a :class:`lightning_compress.quantization.figures.Comparison`), ``layers`` (the
+    :class:`lightning_compress.quantization.outcomes.LayerOutcome` of each module) and ``stage_seconds``, which
     ``DynamicQuantization`` measured in this run; ``baseline_accuracy`` is shown as given.
     """
     weight_rows, other_lines = _layer_rows(layers or (), layer_sparsity or {})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -16,6 +17,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_compress import masks as mask_engine
+
+#: This folder: the shared helpers, and the scripts the tests run in subprocesses (beside them, so they import them).
+TESTS_DIR = Path(__file__).resolve().parent
 
 
 # ---------------------------------------------------------------------------------------------- scikit-learn digits

@@ -180,7 +180,7 @@ def test_count_to_prune_rounds_like_torch():
 
 
 def test_zero_fraction_counts_exact_zeros():
-    from lightning_compress.measure import zero_fraction
+    from lightning_compress.quantization.measure import zero_fraction
 
     assert zero_fraction([torch.tensor([0.0, -0.0, 1e-30, 2.0])]) == 0.5
 

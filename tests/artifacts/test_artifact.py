@@ -20,8 +20,9 @@ from lightning_compress.artifacts.compressed import MAGIC
 from lightning_compress.artifacts.torchscript import FORMAT, VERSION
 from lightning_compress.artifacts.torchscript import make as make_archive
 from lightning_compress.artifacts.verification import ArtifactMismatch, Reference, compare
-from lightning_compress.backends import quantize_dynamic_copy, torch_internal_warnings_silenced
+from lightning_compress.compat import torch_internal_warnings_silenced
 from lightning_compress.inputs import ModelInput
+from lightning_compress.quantization.dynamic import quantize_dynamic_copy
 
 
 def _quantized_mlp():

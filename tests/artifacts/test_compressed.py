@@ -7,8 +7,8 @@ from torch import nn
 
 from lightning_compress import ArtifactError, load_compressed, load_quantized, save_compressed
 from lightning_compress.artifacts.compressed import VERSION, decode
-from lightning_compress.backends import quantize_dynamic_copy
-from lightning_compress.measure import serialized_size_bytes
+from lightning_compress.quantization.dynamic import quantize_dynamic_copy
+from lightning_compress.quantization.measure import serialized_size_bytes
 
 
 def _pruned_mlp(widths, sparsity=0.9):

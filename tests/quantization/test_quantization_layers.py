@@ -11,10 +11,17 @@ from helpers import DigitsDataModule, TinyGPT2, _Classifier, pruned_mlp
 from torch import nn
 from torch.nn.utils import parametrizations
 
-from lightning_compress import DynamicQuantization, MagnitudePruning, outcomes, pipeline
+from lightning_compress import DynamicQuantization, MagnitudePruning
 from lightning_compress.inputs import ModelInput
-from lightning_compress.kernels import FLOAT_DENSE, QUANTIZED_DENSE, SPARSE_CSR, KernelChoice, build_with_kernels
-from lightning_compress.measure import serialized_size_bytes
+from lightning_compress.quantization import copying, dynamic, figures, outcomes
+from lightning_compress.quantization.kernels import (
+    FLOAT_DENSE,
+    QUANTIZED_DENSE,
+    SPARSE_CSR,
+    KernelChoice,
+    build_with_kernels,
+)
+from lightning_compress.quantization.measure import serialized_size_bytes
 
 STATIC_HINT = "Conv2d: dynamic quantization covers Linear and RNN layers; StaticQuantization covers convolutions"
 
@@ -90,17 +97,17 @@ def test_gpt2_conv1d_layers_are_quantized_and_the_tied_head_stays_float(caplog):
     assert not any("larger than the float one" in r.getMessage() for r in caplog.records)
 
     # the float copy's Linear layers compute what the Conv1D layers did, to the bit
-    float_model, _ = pipeline.float_copy(model)
+    float_model, _ = copying.float_copy(model)
     assert type(float_model.model.transformer.h[0].attn.c_attn) is nn.Linear
     inputs = next(iter(model.val_dataloader()))[0]
     with torch.inference_mode():
         assert torch.equal(float_model(inputs), model.eval()(inputs))
 
     # asked for by name, the head is quantized, stored beside the float embedding, and the warning says so
-    assert "model.lm_head" not in pipeline.select_modules(float_model)
-    assert pipeline.select_modules(float_model, ["model.lm_head"]) == ["model.lm_head"]
-    tied_head = pipeline.quantize(float_model, torch.qint8, ["model.lm_head"])
-    comparison = pipeline.compare(float_model, tied_head, ["model.lm_head"])
+    assert "model.lm_head" not in dynamic.select_modules(float_model)
+    assert dynamic.select_modules(float_model, ["model.lm_head"]) == ["model.lm_head"]
+    tied_head = dynamic.quantize(float_model, torch.qint8, ["model.lm_head"])
+    comparison = figures.compare(float_model, tied_head, ["model.lm_head"])
     assert comparison.size_mb_after > comparison.size_mb_before
     (larger,) = comparison.regressions()
     cause = "model.lm_head.weight is tied to model.transformer.wte.weight, which stays float: its qint8 copy is stored"
@@ -184,14 +191,14 @@ def test_linear_layers_in_disguise_become_linear_with_equal_outputs():
     model = nn.Sequential(Conv1D(12, 8), Scaled(12), parametrizations.weight_norm(nn.Linear(12, 12)), Doubled(12, 6))
     model.eval()
     x = torch.randn(3, 5, 8)
-    float_model, _ = pipeline.float_copy(model)
+    float_model, _ = copying.float_copy(model)
     assert [type(m) for m in float_model] == [nn.Linear, nn.Linear, nn.Linear, Doubled]
     with torch.inference_mode():
         assert torch.equal(float_model(x), model(x))
     assert type(model[0]) is Conv1D and type(model[1]) is Scaled  # the model itself is untouched
-    assert pipeline.select_modules(float_model) == ["0", "1", "2"]
-    assert pipeline.select_modules(float_model, [Conv1D]) == ["0"]
-    quantized = pipeline.quantize(float_model, torch.qint8, ["0", "1", "2"])
+    assert dynamic.select_modules(float_model) == ["0", "1", "2"]
+    assert dynamic.select_modules(float_model, [Conv1D]) == ["0"]
+    quantized = dynamic.quantize(float_model, torch.qint8, ["0", "1", "2"])
     layers = {layer.name: layer for layer in outcomes.layer_outcomes(float_model, quantized, exclude=())}
     # the weight-normed Linear is a plain Linear once the copy folded its parametrization (copying.py)
     assert [layers[n].kind for n in "0123"] == ["Conv1D", "Scaled", "Linear", "Doubled"]
@@ -201,8 +208,8 @@ def test_linear_layers_in_disguise_become_linear_with_equal_outputs():
 
 def test_float_rows_name_the_selection_that_left_them_float():
     model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.GRU(8, 8))
-    names = pipeline.select_modules(model, [nn.Linear], exclude=["2"])
-    quantized = pipeline.quantize(model, torch.qint8, names)
+    names = dynamic.select_modules(model, [nn.Linear], exclude=["2"])
+    quantized = dynamic.quantize(model, torch.qint8, names)
     layers = {o.name: o for o in outcomes.layer_outcomes(model, quantized, [nn.Linear], ["2"])}
     assert layers["0"].dtype == "qint8"
     assert layers["2"].reason == "excluded by exclude=['2']"
@@ -213,7 +220,7 @@ def test_float_rows_name_the_selection_that_left_them_float():
     tied = nn.Sequential(nn.Embedding(5, 4), nn.Linear(4, 5, bias=False))
     tied[1].weight = tied[0].weight
     with pytest.raises(ValueError, match=r"would quantize nothing.* 1 stays float: tied to 0\.weight \(Embedding\)"):
-        pipeline.select_modules(tied)
+        dynamic.select_modules(tied)
 
 
 def test_layers_given_another_kernel_run_float_and_are_not_counted_as_quantized():
@@ -223,29 +230,29 @@ def test_layers_given_another_kernel_run_float_and_are_not_counted_as_quantized(
     layers = {o.name: o for o in outcomes.layer_outcomes(model, quantized, kernel_choices={"0": csr})}
     assert layers["0"].dtype == "float32" and layers["0"].reason.startswith("sparse_kernels='auto': fp32 sparse")
     head = sum(p.numel() for p in model[2].parameters()) / sum(p.numel() for p in model.parameters())
-    assert pipeline.compare(model, quantized, ["0", "2"]).coverage == pytest.approx(head)
+    assert figures.compare(model, quantized, ["0", "2"]).coverage == pytest.approx(head)
     assert outcomes.coverage(layers.values()) == pytest.approx(head)
 
 
 def test_latency_times_as_many_batches_as_the_budget_allows():
     model = nn.Linear(4, 4)
     inputs = [ModelInput.from_example(torch.ones(2, 4)) for _ in range(5)]
-    assert all(latency.batches == 5 for latency in pipeline.interleaved_latency([model, model], inputs, 2))
-    tight = pipeline.interleaved_latency([model, model], inputs, 2, budget_s=1e-9)
+    assert all(latency.batches == 5 for latency in figures.interleaved_latency([model, model], inputs, 2))
+    tight = figures.interleaved_latency([model, model], inputs, 2, budget_s=1e-9)
     assert all(latency.batches == 1 for latency in tight)  # at least one, whatever the budget
 
 
 def test_size_causes_are_computed_from_the_two_models():
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
-    half = pipeline.quantize(mlp, torch.float16, ["0", "2", "4"])
-    comparison = pipeline.compare(mlp, half, ["0", "2", "4"])
+    half = dynamic.quantize(mlp, torch.float16, ["0", "2", "4"])
+    comparison = figures.compare(mlp, half, ["0", "2", "4"])
     assert comparison.size_mb_after > comparison.size_mb_before  # as reported: 0.310 -> 0.311 MB
     (larger,) = comparison.regressions()
     assert "torch.ao stores float16 weights as float32: 3 layers (" in larger and "tied" not in larger
     grown = serialized_size_bytes(half) - serialized_size_bytes(mlp)
     assert _stated_bytes(larger) == pytest.approx(grown, rel=0.05)
     tiny = nn.Sequential(nn.Linear(2, 2))
-    comparison = pipeline.compare(tiny, pipeline.quantize(tiny, torch.qint8, ["0"]), ["0"])
+    comparison = figures.compare(tiny, dynamic.quantize(tiny, torch.qint8, ["0"]), ["0"])
     (larger,) = comparison.regressions()
     assert "1 layer (0) too small for the packed format" in larger and "float16" not in larger

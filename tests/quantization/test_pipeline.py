@@ -7,7 +7,6 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_compress import pipeline
 from lightning_compress.inputs import (
     ModelInput,
     capture_inputs,
@@ -17,7 +16,8 @@ from lightning_compress.inputs import (
     plain_outputs,
     restore_outputs,
 )
-from lightning_compress.kernels import FLOAT_DENSE, QUANTIZED_DENSE, SPARSE_CSR, choose_kernel
+from lightning_compress.quantization import copying, dynamic, figures
+from lightning_compress.quantization.kernels import FLOAT_DENSE, QUANTIZED_DENSE, SPARSE_CSR, choose_kernel
 from lightning_compress.report import summary_table
 
 
@@ -32,31 +32,31 @@ class Blocks(nn.Module):
 
 def test_select_modules_by_type_glob_and_exclude():
     model = Blocks()
-    assert pipeline.select_modules(model) == ["encoder.0", "encoder.2", "rnn", "head"]  # out_proj is not replaceable
-    assert pipeline.select_modules(model, ["encoder.*"]) == ["encoder.0", "encoder.2"]
-    assert pipeline.select_modules(model, [nn.GRU, "head"]) == ["rnn", "head"]
-    assert pipeline.select_modules(model, exclude=["encoder.*"]) == ["rnn", "head"]
+    assert dynamic.select_modules(model) == ["encoder.0", "encoder.2", "rnn", "head"]  # out_proj is not replaceable
+    assert dynamic.select_modules(model, ["encoder.*"]) == ["encoder.0", "encoder.2"]
+    assert dynamic.select_modules(model, [nn.GRU, "head"]) == ["rnn", "head"]
+    assert dynamic.select_modules(model, exclude=["encoder.*"]) == ["rnn", "head"]
     with pytest.raises(ValueError, match=r"`modules` pattern 'decoder\.\*' matches no layer.*encoder\.0 \(Linear\)"):
-        pipeline.select_modules(model, ["decoder.*"])
+        dynamic.select_modules(model, ["decoder.*"])
     with pytest.raises(ValueError, match="`exclude` pattern 'tail'"):
-        pipeline.select_modules(model, exclude=["tail"])
+        dynamic.select_modules(model, exclude=["tail"])
     with pytest.raises(ValueError, match="would quantize nothing"):
-        pipeline.select_modules(model, ["head"], exclude=["head"])
+        dynamic.select_modules(model, ["head"], exclude=["head"])
 
 
 def test_coverage_counts_the_parameters_of_the_quantized_layers():
     model = Blocks()
     total = sum(p.numel() for p in model.parameters())
     head = sum(p.numel() for p in model.head.parameters())
-    assert pipeline.coverage(model, ["head"]) == head / total
+    assert figures.coverage(model, ["head"]) == head / total
 
 
 def test_float_copy_casts_to_float32_and_reports_the_original_dtype():
     model = nn.Sequential(nn.Linear(3, 3)).to(torch.bfloat16)
-    copied, cast_from = pipeline.float_copy(model)
+    copied, cast_from = copying.float_copy(model)
     assert cast_from == torch.bfloat16 and copied[0].weight.dtype == torch.float32
     assert model[0].weight.dtype == torch.bfloat16
-    assert pipeline.float_copy(nn.Linear(2, 2))[1] is None
+    assert copying.float_copy(nn.Linear(2, 2))[1] is None
 
 
 def test_interleaved_latency_alternates_the_order_of_the_models():
@@ -72,7 +72,7 @@ def test_interleaved_latency_alternates_the_order_of_the_models():
             return x
 
     a, b = Recorder("a"), Recorder("b")
-    results = pipeline.interleaved_latency([a, b], [ModelInput.from_example(torch.zeros(1))], rounds=4)
+    results = figures.interleaved_latency([a, b], [ModelInput.from_example(torch.zeros(1))], rounds=4)
     timed = calls[2:]  # after one warm-up call each
     assert timed == ["a", "b", "b", "a", "a", "b", "b", "a"]
     assert all(r.low_ms <= r.median_ms <= r.high_ms for r in results)
@@ -152,14 +152,14 @@ def test_captured_inputs_are_ordinary_cpu_tensors_even_from_inference_mode():
 
 
 def _comparison(latency_before, latency_after, size_before, size_after, cast_from=None):
-    return pipeline.Comparison(
+    return figures.Comparison(
         {},
         {},
         size_before,
         size_after,
         0.25,
-        pipeline.Latency(latency_before, latency_before, latency_before),
-        pipeline.Latency(latency_after, latency_after, latency_after),
+        figures.Latency(latency_before, latency_before, latency_before),
+        figures.Latency(latency_after, latency_after, latency_after),
         cast_from,
     )
 

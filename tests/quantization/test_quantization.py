@@ -10,8 +10,9 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from lightning_compress import DynamicQuantization, MagnitudePruning, QuantizationError, backends, load_quantized
-from lightning_compress.measure import quantized_weights, serialized_size_bytes
+from lightning_compress import DynamicQuantization, MagnitudePruning, QuantizationError, compat, load_quantized
+from lightning_compress.quantization import dynamic
+from lightning_compress.quantization.measure import quantized_weights, serialized_size_bytes
 
 
 class SnapshotAtTrainEnd(Callback):
@@ -194,8 +195,8 @@ def test_no_torch_internal_warnings_leak_but_user_warnings_do(quiet_trainer_kwar
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        backends.quantize_dynamic_copy(DigitsMLP(hidden=8), torch.qint8, {nn.Linear})
-        with backends.torch_internal_warnings_silenced():
+        dynamic.quantize_dynamic_copy(DigitsMLP(hidden=8), torch.qint8, {nn.Linear})
+        with compat.torch_internal_warnings_silenced():
             Noisy(hidden=8).eval()(torch.rand(2, 64))
     messages = [str(w.message) for w in caught]
     assert not any("torch.ao.quantization is deprecated" in m for m in messages)
@@ -281,7 +282,8 @@ def test_failure_at_fit_end_keeps_model_and_checkpoints(quiet_trainer_kwargs, tm
     def broken(*args, **kwargs):
         raise RuntimeError("backend exploded")
 
-    monkeypatch.setattr("lightning_compress.pipeline.compare", broken)  # only the end-of-fit run compares
+    # only the end-of-fit run compares
+    monkeypatch.setattr("lightning_compress.quantization.figures.compare", broken)
     snapshot = SnapshotAtTrainEnd()
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     model = DigitsMLP(hidden=16)

@@ -3,7 +3,6 @@ what would fail is rehearsed on the batches that vary, refusals name their fix, 
 hangs on a model."""
 
 import logging
-import os
 import subprocess
 import sys
 import threading
@@ -13,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchmetrics
-from helpers import DigitsDataModule, DigitsMLP, assert_fails_before_training, token_data
+from helpers import TESTS_DIR, DigitsDataModule, DigitsMLP, assert_fails_before_training, token_data
 from torch import nn
 from torch.nn.utils import parametrizations, prune
 from torch.nn.utils.rnn import pack_padded_sequence
@@ -295,7 +294,6 @@ def test_a_model_holding_a_writer_a_lock_and_reparametrized_layers(quiet_trainer
 
 def test_the_pytorch_profiler_is_left_behind(tmp_path):
     # a subprocess: pytest on Python 3.11 has crashed after a fit with the PyTorch profiler (FIELD_NOTES)
-    here = os.path.dirname(__file__)
     artifact = str(tmp_path / "p.ts")
     code = (
         "import lightning.pytorch as pl, torch\n"
@@ -312,6 +310,6 @@ def test_the_pytorch_profiler_is_left_behind(tmp_path):
         "r = quant.results\n"
         "print('measured:', r['quantization/val_acc_artifact'] == r['quantization/val_acc_after'])\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=here, timeout=300)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=TESTS_DIR, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "measured: True" in result.stdout

@@ -5,8 +5,8 @@ from helpers import DigitsDataModule, DigitsMLP, pruned_mlp
 from torch import nn
 
 from lightning_compress import DynamicQuantization, MagnitudePruning, load_quantized
-from lightning_compress.backends import quantize_dynamic_copy
-from lightning_compress.kernels import (
+from lightning_compress.quantization.dynamic import quantize_dynamic_copy
+from lightning_compress.quantization.kernels import (
     CLEAR_MARGIN,
     FLOAT_DENSE,
     QUANTIZED_DENSE,
@@ -69,7 +69,7 @@ def test_every_candidate_is_timed_and_the_choice_follows_the_rule_on_what_was_me
     ],
 )
 def test_choose_linear_kernels_applies_the_rule_to_given_round_times(monkeypatch, rounds, chosen, close):
-    import lightning_compress.kernels as kernels
+    import lightning_compress.quantization.kernels as kernels
 
     monkeypatch.setattr(kernels, "_time_rounds", lambda candidates, x, n: {k: rounds[k] for k in candidates})
     model = _pruned()
@@ -103,7 +103,7 @@ def test_built_model_runs_each_chosen_path_exactly():
 def test_auto_end_to_end_logs_choices_and_saves_a_loadable_artifact(
     quiet_trainer_kwargs, tmp_path, monkeypatch, run_in_fresh_process
 ):
-    import lightning_compress.quantization as quantization
+    from lightning_compress.quantization import kernels
 
     def choose_with_csr_first(model, example, dtype, names):
         choices = choose_linear_kernels(model, example, dtype, names)
@@ -111,7 +111,7 @@ def test_auto_end_to_end_logs_choices_and_saves_a_loadable_artifact(
         choices[first].chosen = SPARSE_CSR  # make sure the CSR path reaches the artifact, whatever the timings
         return choices
 
-    monkeypatch.setattr(quantization, "choose_linear_kernels", choose_with_csr_first)
+    monkeypatch.setattr(kernels, "choose_linear_kernels", choose_with_csr_first)
     quant = DynamicQuantization(sparse_kernels="auto", save_path=tmp_path / "m.lcz", compress=True)
     pl.seed_everything(0, verbose=False)
     trainer = pl.Trainer(max_epochs=2, callbacks=[MagnitudePruning(amount=0.9), quant], **quiet_trainer_kwargs)

@@ -1,9 +1,9 @@
 """``DynamicQuantization``: post-training dynamic quantization at the end of ``fit``, measured and logged.
 
-The work is done by plain functions (:mod:`lightning_compress.pipeline`, :mod:`lightning_compress.evaluation`,
+The work is done by plain functions (:mod:`.figures`, :mod:`.evaluation`,
 :mod:`lightning_compress.artifacts`); this callback decides when, on which rank and with which data, rehearses the
-whole path before training on the validation batches that vary (:mod:`lightning_compress.rehearsal`), and logs
-what it measured. Neither changes what training computes (:mod:`lightning_compress.isolation`).
+whole path before training on the validation batches that vary (:mod:`.rehearsal`), and logs
+what it measured. Neither changes what training computes (:mod:`.isolation`).
 """
 
 from __future__ import annotations
@@ -27,33 +27,32 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lightning_compress import (
-    backends,
-    compat,
+from lightning_compress import compat, report, sharding
+from lightning_compress.artifacts import write_verified
+from lightning_compress.artifacts.verification import ArtifactMismatch, CheckedArtifact, short_error
+from lightning_compress.inputs import ModelInput, capture_inputs
+from lightning_compress.protocols import PruningCallback, SummaryLines
+from lightning_compress.quantization import (
+    dynamic,
     evaluation,
+    figures,
     isolation,
+    kernels,
     linear_like,
     measure,
     outcomes,
-    pipeline,
     rehearsal,
-    report,
-    sharding,
 )
-from lightning_compress.artifacts import write_verified
-from lightning_compress.artifacts.verification import ArtifactMismatch, CheckedArtifact, short_error
-from lightning_compress.backends import DTYPES, SUPPORTED_MODULES
-from lightning_compress.copying import CopyReport
-from lightning_compress.inputs import ModelInput, capture_inputs
-from lightning_compress.kernels import KernelChoice, build_with_kernels, choose_linear_kernels
-from lightning_compress.protocols import PruningCallback, SummaryLines
+from lightning_compress.quantization.copying import CopyReport, float_copy
+from lightning_compress.quantization.dynamic import DTYPES, SUPPORTED_MODULES
+from lightning_compress.quantization.kernels import KernelChoice, build_with_kernels
 from lightning_compress.shrinking import SHRINK_HINT, shrink
 
 #: Latency is timed on (up to) this many evaluation batches.
 LATENCY_BATCHES = 32
 #: Rounds of interleaved timing of the float and the quantized model.
 LATENCY_ROUNDS = 5
-#: About how long timing may take: large evaluation batches are timed fewer (see pipeline.interleaved_latency).
+#: About how long timing may take: large evaluation batches are timed fewer (see figures.interleaved_latency).
 LATENCY_BUDGET_S = 20.0
 
 
@@ -66,7 +65,7 @@ class DynamicQuantization(Callback):
 
     Weights of the supported layers are quantized ahead of time (int8 or float16); activations are quantized on
     the fly inside those layers. Runs in ``on_fit_end``, after ``MagnitudePruning`` made its masks permanent, on
-    rank zero, on the CPU, on a float32 copy (:mod:`lightning_compress.copying`: without ``torch.compile``
+    rank zero, on the CPU, on a float32 copy (:mod:`.copying`: without ``torch.compile``
     wrappers, other tools' hooks or reparametrizations; what cannot be copied is shared). The LightningModule
     itself stays as it is and trainable; the quantized copy is ``quantized_model``; layers the backend cannot take
     stay float, with the reason in ``kept_float`` and the summary. Before the first training step the whole path
@@ -84,11 +83,11 @@ class DynamicQuantization(Callback):
     Args:
         dtype: ``"qint8"`` or ``"float16"`` (``torch.qint8`` / ``torch.float16`` accepted).
         modules: what to quantize: ``None`` for every supported layer (Linear, LSTM, GRU, LSTMCell, GRUCell,
-            RNNCell, and the Linear layers in disguise of :mod:`lightning_compress.linear_like`: transformers'
+            RNNCell, and the Linear layers in disguise of :mod:`.linear_like`: transformers'
             ``Conv1D``, Linear subclasses that keep ``Linear.forward``, parametrized Linears), or layer types and/or
             glob patterns over module names (e.g. ``["encoder.*"]``). A layer whose weight is tied to another
             module (GPT-2's ``lm_head``) stays float, with the reason in the summary, unless a pattern here names it
-            (its weight is then stored twice; see :func:`lightning_compress.outcomes.tied_layers`).
+            (its weight is then stored twice; see :func:`.outcomes.tied_layers`).
         evaluate: measure the metrics and latency before and after quantization on the evaluation data.
         metric: a torchmetrics ``Metric`` of ``(output, target)`` for the ``(input, target)`` path.
         dataloader: evaluation batches ``(input, target)`` (a DataLoader, a list of batches, any iterable) for the
@@ -101,7 +100,7 @@ class DynamicQuantization(Callback):
         compress: write ``save_path`` in the compressed format (see :mod:`lightning_compress.artifacts.compressed`).
         sparse_kernels: ``"auto"``: for each quantizable Linear, time quantized dense, fp32 sparse (CSR) and fp32
             dense on its real input and keep quantized dense unless another is clearly faster (see
-            :func:`lightning_compress.kernels.choose_kernel`); ``"off"``: quantize every selected Linear.
+            :func:`.kernels.choose_kernel`); ``"off"``: quantize every selected Linear.
         monitor: the headline metric, a name the module logs in its validation (as in ModelCheckpoint and
             EarlyStopping): ``quantization/accuracy_before``/``_after`` are its values and the summary leads with
             it. ``None``: the trainer's ModelCheckpoint/EarlyStopping ``monitor`` when logged, else the first
@@ -125,7 +124,7 @@ class DynamicQuantization(Callback):
     metric and ``quantization/accuracy_artifact`` (the headline metric).
 
     After fit, ``layers`` lists every module that holds parameters as it ended (a
-    :class:`lightning_compress.outcomes.LayerOutcome`: its dtype in the quantized model and, for a float one, why),
+    :class:`.outcomes.LayerOutcome`: its dtype in the quantized model and, for a float one, why),
     and the summary table shows the same, weight by weight.
     """
 
@@ -208,7 +207,7 @@ class DynamicQuantization(Callback):
 
         self.quantized_model: nn.Module | None = None
         self.results: dict[str, float] = {}
-        self.comparison: pipeline.Comparison | None = None
+        self.comparison: figures.Comparison | None = None
         self.layer_sparsity: dict[str, tuple[float, float]] = {}
         self.kernel_choices: dict[str, KernelChoice] = {}
         self.stage_seconds: dict[str, float] = {}
@@ -291,7 +290,7 @@ class DynamicQuantization(Callback):
         rehearsal: bool,
         full_state: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """The end-of-fit path; with ``rehearsal`` on varied batches (:mod:`lightning_compress.rehearsal`), writing
+        """The end-of-fit path; with ``rehearsal`` on varied batches (:mod:`.rehearsal`), writing
         nothing but a temporary artifact.
 
         ``full_state``: the gathered full state dict of a sharded module, which the float copy is made of.
@@ -300,9 +299,9 @@ class DynamicQuantization(Callback):
         dtype = DTYPES[self.dtype]
         copy_report = CopyReport()
         with _timed(stages, "copy"):
-            float_model, cast_from = pipeline.float_copy(pl_module, full_state, copy_report)
-            names = pipeline.select_modules(float_model, self.modules, self.exclude)
-            refused = backends.known_refusals(float_model, names)
+            float_model, cast_from = float_copy(pl_module, full_state, copy_report)
+            names = dynamic.select_modules(float_model, self.modules, self.exclude)
+            refused = dynamic.known_refusals(float_model, names)
             names = _without(names, refused)
         example = self._example_input(pl_module, cast_from)
         # the rehearsal, and an end of fit that does not evaluate, run on the first, last and differently shaped
@@ -348,7 +347,7 @@ class DynamicQuantization(Callback):
                     rank_zero_info(f"DynamicQuantization: {line}")
         with (
             _timed(stages, "evaluate quantized", announce=not rehearsal),
-            backends.naming_the_failing_layer(quantized, names),
+            dynamic.naming_the_failing_layer(quantized, names),
         ):
             after = self._evaluate(trainer, quantized, source)[1] if self.evaluate else {}
             if not self.evaluate and inputs:
@@ -358,7 +357,7 @@ class DynamicQuantization(Callback):
             return
         with _timed(stages, "time latency", announce=True):
             timed = timed if self.evaluate else []
-            comparison = pipeline.compare(
+            comparison = figures.compare(
                 float_model, quantized, names, timed, before, after, LATENCY_ROUNDS, LATENCY_BUDGET_S
             )
         layers = outcomes.layer_outcomes(
@@ -417,13 +416,13 @@ class DynamicQuantization(Callback):
         try:
             quantized = self._quantize(model, dtype, names, inputs, rehearsal)
         except Exception:
-            failing = backends.unconvertible_layers(model, names, dtype)
+            failing = dynamic.unconvertible_layers(model, names, dtype)
             if not failing:
                 raise
             refused.update(failing)
             names = _without(names, failing)
             quantized = self._quantize(model, dtype, names, inputs, rehearsal)
-        failing = backends.failing_layers(model, quantized, names, inputs[0]) if inputs else {}
+        failing = dynamic.failing_layers(model, quantized, names, inputs[0]) if inputs else {}
         if failing:
             refused.update(failing)
             names = _without(names, failing)
@@ -434,9 +433,9 @@ class DynamicQuantization(Callback):
         self, model: nn.Module, dtype: torch.dtype, names: list[str], inputs: list[ModelInput], rehearsal: bool
     ) -> nn.Module:
         if self.sparse_kernels == "auto" and not rehearsal:
-            self.kernel_choices = choose_linear_kernels(model, inputs[0], dtype, names)
+            self.kernel_choices = kernels.choose_linear_kernels(model, inputs[0], dtype, names)
             return build_with_kernels(model, self.kernel_choices, dtype, names)
-        return pipeline.quantize(model, dtype, names)
+        return dynamic.quantize(model, dtype, names)
 
     # ------------------------------------------------------------------ pieces
     def _uses_validation_step(self, pl_module: nn.Module) -> bool:
@@ -455,7 +454,7 @@ class DynamicQuantization(Callback):
 
     def _varied_source(self, trainer: pl.Trainer) -> Any:
         """The first, the last and the differently shaped batches of each evaluation loader
-        (:func:`lightning_compress.rehearsal.varied_batches`), in the form :meth:`_evaluate` takes."""
+        (:func:`.rehearsal.varied_batches`), in the form :meth:`_evaluate` takes."""
         if self._uses_validation_step(trainer.lightning_module):
             return rehearsal.varied_loaders(compat.raw_val_dataloaders(trainer))
         return rehearsal.Batches(self._batches(trainer, varied=True))
@@ -605,7 +604,7 @@ class DynamicQuantization(Callback):
 
         return metric
 
-    def _results(self, comparison: pipeline.Comparison, headline: str | None) -> dict[str, float]:
+    def _results(self, comparison: figures.Comparison, headline: str | None) -> dict[str, float]:
         results: dict[str, float] = {}
         for name, value in comparison.metrics_before.items():
             results[f"quantization/{name}_before"] = value

@@ -1,6 +1,5 @@
 """What quantization did to each layer and why, read off the float and the quantized model themselves.
 
-* :func:`tied_layers`: quantizable layers whose weight is shared with another module, which stay float;
 * :func:`quantized_dtypes`: the layers that really run quantized in a quantized model, and their weights' dtype;
 * :func:`layer_outcomes`: for every module that holds parameters, the dtype it ended with and, when it stayed
   float, the reason (:class:`LayerOutcome`);
@@ -21,8 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_compress import linear_like, measure
-from lightning_compress.backends import SUPPORTED_MODULES
+from lightning_compress.quantization import linear_like, measure
+from lightning_compress.quantization.dynamic import SUPPORTED_MODULES, tied_layers
 
 #: What dynamic quantization covers, said once for every float row that is outside it.
 COVERS = "dynamic quantization covers Linear and RNN layers"
@@ -42,8 +41,8 @@ class LayerOutcome:
 
     Attributes:
         name: the module's name in the model (as in ``named_modules()``).
-        kind: what it is in the trained model: its type's name, or what :mod:`lightning_compress.linear_like`
-            converted into a Linear (``"Conv1D"`` or a Linear subclass's name).
+        kind: what it is in the trained model: its type's name, or what
+            :mod:`.linear_like` converted into a Linear (``"Conv1D"`` or a Linear subclass's name).
         dtype: what its weights run as in the quantized model: ``"qint8"``, ``"float16"`` (dynamically
             quantized), or the float dtype it kept (``"float32"``).
         parameters: entries of its own parameters; a parameter shared by several modules is counted once, under
@@ -65,44 +64,6 @@ class LayerOutcome:
     @property
     def quantized(self) -> bool:
         return self.reason is None
-
-
-def tied_layers(model: nn.Module) -> dict[str, str]:
-    """Layers dynamic quantization could replace whose parameters are shared with another module, and why each
-    stays float unless named in ``modules=``.
-
-    Why float by default: a tied weight is one tensor serving two modules, most often a language model's token
-    embedding and its output head (GPT-2's ``wte`` and ``lm_head``). Dynamic quantization has no form of the
-    embedding's lookup, and fbgemm packs a quantized Linear's weight into a layout of its own, so quantizing the
-    head stores the weight a second time beside the float embedding: a tiny GPT-2 grew (1.745 -> 1.779 MB), and
-    GPT-2 small (random init) went to 0.566x of float instead of 0.488x. The head is also the layer most sensitive
-    to int8 with one scale per tensor (an embedding's rows differ widely in range); as Hugging Face's
-    ``TorchAoConfig`` (``include_input_output_embeddings=False``) and llama.cpp (output at higher precision) do,
-    it stays float unless asked for. Asked for by name, it pays in speed where the vocabulary is large: GPT-2 small,
-    1 x 128 tokens, one thread, 272.8 -> 141.5 ms. The same holds for two Linear layers sharing a weight and for
-    one module registered under two names.
-    """
-    owners: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(p), []).append(name)
-    modules = dict(model.named_modules(remove_duplicate=False))
-    reasons = {}
-    for name, module in model.named_modules():
-        if not name or type(module) not in SUPPORTED_MODULES:
-            continue
-        for p in module.parameters(recurse=False):
-            others = [n for n in owners[id(p)] if n.rpartition(".")[0] != name]
-            if not others:
-                continue
-            partner = modules[others[0].rpartition(".")[0]]
-            shared = (
-                f"the same module is also used as {others[0].rpartition('.')[0]}"
-                if partner is module
-                else f"tied to {others[0]} ({type(partner).__name__})"
-            )
-            reasons[name] = f"{shared}: a quantized copy would store the weight twice (name it in modules= to do so)"
-            break
-    return reasons
 
 
 def quantized_dtypes(model: nn.Module) -> dict[str, str]:
@@ -133,8 +94,8 @@ def layer_outcomes(
 
     ``modules``, ``exclude`` and ``kernel_choices`` are the selection and kernel choice that produced
     ``quantized`` (as given to ``DynamicQuantization``), ``refused`` the layers the backend could not take, with
-    why (:func:`lightning_compress.backends.known_refusals`); they only word the reasons. Which layers run quantized
-    and with which dtype is read from ``quantized`` itself.
+    why (:func:`.dynamic.known_refusals`); they only word the reasons. Which layers run
+    quantized and with which dtype is read from ``quantized`` itself.
     """
     ran = quantized_dtypes(quantized)
     tied = tied_layers(float_model)

@@ -9,7 +9,7 @@ from helpers import DigitsDataModule, DigitsMLP
 from torch import nn
 
 from lightning_compress import DynamicQuantization
-from lightning_compress.isolation import untouched
+from lightning_compress.quantization.isolation import untouched
 
 
 class DropoutMLP(DigitsMLP):

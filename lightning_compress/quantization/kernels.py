@@ -18,10 +18,10 @@ import torch
 import torch.utils.benchmark as benchmark
 from torch import Tensor, nn
 
-from lightning_compress.backends import quantize_dynamic_copy
 from lightning_compress.compat import torch_internal_warnings_silenced
-from lightning_compress.copying import Copier
 from lightning_compress.inputs import ModelInput
+from lightning_compress.quantization.copying import Copier
+from lightning_compress.quantization.dynamic import quantizable_modules, quantize, quantize_dynamic_copy
 
 QUANTIZED_DENSE = "quantized dense"
 SPARSE_CSR = "fp32 sparse (CSR)"
@@ -162,7 +162,6 @@ def build_with_kernels(
 ) -> nn.Module:
     """A copy of the float ``model`` with each chosen kernel in place; the other named layers (default: every
     quantizable one) quantized as usual."""
-    from lightning_compress.pipeline import quantizable_modules, quantize
 
     names = set(quantizable_modules(model) if names is None else names)
     targets = {n for n in names if n not in choices or choices[n].chosen == QUANTIZED_DENSE}

@@ -9,9 +9,9 @@ from torch import nn
 from torch.nn.utils import parametrizations, parametrize, prune
 from torch.utils.tensorboard import SummaryWriter
 
-from lightning_compress import backends, pipeline
-from lightning_compress.copying import CopyReport
 from lightning_compress.inputs import ModelInput
+from lightning_compress.quantization import copying, dynamic
+from lightning_compress.quantization.copying import CopyReport
 
 
 class Holder(nn.Module):
@@ -33,13 +33,13 @@ class Holder(nn.Module):
 def test_what_cannot_be_copied_is_shared_and_named_the_rest_copied(tmp_path):
     model = Holder(tmp_path).eval()
     report = CopyReport()
-    copied, _ = pipeline.float_copy(model, report=report)
+    copied, _ = copying.float_copy(model, report=report)
     assert copied.writer is model.writer and copied.lock is model.lock and copied.stream is model.stream
     assert copied.history == model.history and copied.history is not model.history
     assert copied.net[0].weight is not model.net[0].weight
     assert [s.split(" ")[0] for s in report.shared] == ["writer", "lock", "stream"]
     assert "writer (SummaryWriter)" in report.describe() and "lock (lock)" in report.describe()
-    quantized = pipeline.quantize(copied, torch.qint8, ["net.0", "net.2", "net.4"])  # the backend copies too
+    quantized = dynamic.quantize(copied, torch.qint8, ["net.0", "net.2", "net.4"])  # the backend copies too
     assert quantized.writer is model.writer
     model.writer.close()
 
@@ -70,7 +70,7 @@ def test_reparametrizations_are_folded_into_plain_weights_on_the_copy_only():
     model = _reparametrized()
     x = torch.randn(5, 8)
     report = CopyReport()
-    copied, _ = pipeline.float_copy(model, report=report)
+    copied, _ = copying.float_copy(model, report=report)
     assert report.folded == ["0.weight", "2.weight", "4.weight", "5.weight", "6.weight"]
     assert torch.equal(copied[6].weight, copied[6].weight.T)
     for layer in copied:
@@ -81,7 +81,7 @@ def test_reparametrizations_are_folded_into_plain_weights_on_the_copy_only():
     assert float((copied[0].weight == 0).float().mean()) == pytest.approx(0.6, abs=0.01)
     # the original keeps its reparametrizations
     assert hasattr(model[0], "weight_orig") and parametrize.is_parametrized(model[2]) and model[4]._forward_pre_hooks
-    quantized = pipeline.quantize(copied, torch.qint8, ["0", "2", "4", "5", "6"])
+    quantized = dynamic.quantize(copied, torch.qint8, ["0", "2", "4", "5", "6"])
     assert torch.all(quantized[0].weight().dequantize()[copied[0].weight == 0] == 0)
 
 
@@ -104,7 +104,7 @@ def test_other_tools_hooks_and_uncopyable_hooks_are_left_behind_the_users_own_ke
     profiler_hooks.__enter__()  # Lightning's PyTorchProfiler puts these on every module
     before = {i: (dict(m._forward_pre_hooks), dict(m._forward_hooks)) for i, m in enumerate(model)}
     report = CopyReport()
-    copied, _ = pipeline.float_copy(model, report=report)
+    copied, _ = copying.float_copy(model, report=report)
     # the profiler's pre and post hooks on both layers, and the counter's
     assert sorted(report.hooks_left_behind) == [
         "0 (Counter.count)",
@@ -125,7 +125,7 @@ def test_a_module_compiled_in_place_is_copied_to_run_its_own_weights():
     model = nn.Sequential(nn.Linear(4, 4)).eval()
     model.compile(backend="eager")
     x = torch.randn(2, 4)
-    copied, _ = pipeline.float_copy(model)
+    copied, _ = copying.float_copy(model)
     assert copied._compiled_call_impl is None and model._compiled_call_impl is not None
     with torch.no_grad():
         expected = copied(x).clone()
@@ -143,10 +143,10 @@ def test_layers_the_backend_cannot_take_are_found_by_kind():
         }
     )
     names = ["projected", "biasless", "fine"]
-    known = backends.known_refusals(model, names)
+    known = dynamic.known_refusals(model, names)
     assert set(known) == {"projected", "biasless"} and "proj_size=2" in known["projected"]
     # the same kinds are found without knowing them: by converting each layer, and by running it
-    assert set(backends.unconvertible_layers(model, names, torch.qint8)) == {"biasless"}
+    assert set(dynamic.unconvertible_layers(model, names, torch.qint8)) == {"biasless"}
 
     class Run(nn.Module):
         def __init__(self):
@@ -157,9 +157,9 @@ def test_layers_the_backend_cannot_take_are_found_by_kind():
             return self.lstm(x)[0].sum() + self.other(x)[0].sum()
 
     run = Run().eval()
-    quantized = backends.quantize_dynamic_copy(run, torch.qint8, {"lstm", "other"})
-    failing = backends.failing_layers(run, quantized, ["lstm", "other"], ModelInput((torch.randn(3, 2, 4),)))
+    quantized = dynamic.quantize_dynamic_copy(run, torch.qint8, {"lstm", "other"})
+    failing = dynamic.failing_layers(run, quantized, ["lstm", "other"], ModelInput((torch.randn(3, 2, 4),)))
     assert list(failing) == ["lstm"] and "packB" in failing["lstm"]
     with pytest.raises(ValueError, match=r"quantized layer 'lstm' \(LSTM\) fails.*exclude=\['lstm'\]"):
-        with backends.naming_the_failing_layer(quantized, ["lstm", "other"]), torch.no_grad():
+        with dynamic.naming_the_failing_layer(quantized, ["lstm", "other"]), torch.no_grad():
             quantized(torch.randn(3, 2, 4))

@@ -10,9 +10,9 @@ plain ``nn.Linear`` modules with equal outputs, so that they are quantized like 
 * subclasses of ``nn.Linear`` that keep ``nn.Linear.forward`` (a custom ``__init__`` or initialisation, extra
   attributes): torch.ao matches ``type(module) is nn.Linear`` only. Not ``NonDynamicallyQuantizableLinear``:
   it is ``nn.MultiheadAttention``'s ``out_proj``, whose weight the attention's functional forward reads directly,
-  so a quantized module there would break it (:mod:`lightning_compress.outcomes` states that reason).
+  so a quantized module there would break it (:mod:`lightning_compress.quantization.outcomes` states that reason).
 * (Linear layers parametrized with ``torch.nn.utils.parametrize``, which torch.ao's ``from_float`` refuses, are
-  plain Linears by then: the float copy folds every reparametrization, :mod:`lightning_compress.copying`.)
+  plain Linears by then: the float copy folds every reparametrization, :mod:`lightning_compress.quantization.copying`.)
 
 Not converted: pointwise (1x1) convolutions are a Linear over channels, but channels-first; they are left to static
 quantization with the other convolutions. A layer whose weight is shared with another module (a tie) is left as it
@@ -53,7 +53,8 @@ def as_linears(model: nn.Module) -> dict[str, str]:
     """Convert, in place, every Linear layer in disguise in ``model`` into an ``nn.Linear`` with equal outputs.
 
     Returns the converted layers' names and what each was (``"Conv1D"`` or a Linear subclass's name).
-    Meant for a copy (``pipeline.float_copy`` calls it): modules are replaced or retyped in place.
+    Meant for a copy (:func:`~lightning_compress.quantization.copying.float_copy` calls it): modules are replaced or
+    retyped in place.
     """
     shared = _shared_parameter_ids(model)
     converted: dict[str, str] = {}

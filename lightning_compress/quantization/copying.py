@@ -14,7 +14,9 @@ hook-based ``weight_norm`` computes before each forward. Here instead:
   (``parametrizations.weight_norm``, ``spectral_norm``, ``orthogonal``, users' own) and the hook-based
   ``torch.nn.utils.weight_norm`` / ``spectral_norm``. Quantized layers hold plain weights only.
 
-What was shared, left behind or folded is in :class:`CopyReport`, for one info line.
+What was shared, left behind or folded is in :class:`CopyReport`, for one info line. :func:`float_copy` is the
+whole of it: the float32 CPU copy that quantization starts from (compile wrappers removed, FSDP2 shards gathered,
+Linear layers in disguise turned into ``nn.Linear``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ from torch.nn.utils import parametrize, prune
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 from torch.utils.data import DataLoader, Dataset
+
+from lightning_compress import compat
+from lightning_compress.quantization import linear_like
 
 # nn.Module's hook dicts, each with the dicts of per-hook flags kept beside it under the same ids (torch 2.13).
 _HOOK_DICTS = {
@@ -273,3 +278,36 @@ def _is_datamodule(value: Any) -> bool:
 def _listing(names: list[str], limit: int = 4) -> str:
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def float_copy(
+    model: nn.Module, full_state: dict[str, Any] | None = None, report: CopyReport | None = None
+) -> tuple[nn.Module, torch.dtype | None]:
+    """A float32 copy of ``model`` on the CPU in eval mode, without ``torch.compile`` wrappers, holding what its
+    forward computes (see the module docstring: other tools' hooks left behind, attributes that cannot be copied
+    shared, reparametrized weights folded into plain ones; ``report``, when given, is filled with those).
+
+    ``full_state``: for a model sharded with FSDP2, its gathered full state dict; the copy is then a plain,
+    unsharded module holding those tensors (:func:`lightning_compress.compat.unsharded_copy`).
+
+    Returns the copy and the floating dtype the model's weights had when it was not float32 (``None`` otherwise):
+    dynamic quantization starts from float32 weights. Layers that compute a Linear under another type (transformers'
+    ``Conv1D``, ``nn.Linear`` subclasses, parametrized Linears) are ``nn.Linear`` in the copy, with equal outputs
+    (:func:`lightning_compress.quantization.linear_like.as_linears`). The model itself is left as it is.
+    """
+    copier = Copier()
+    if full_state is None:
+        copied = compat.uncompiled_copy(model, deepcopy=copier)
+    else:
+        copied = compat.unsharded_copy(model, full_state, deepcopy=copier)
+    copied = copied.cpu().eval()
+    fold_reparametrizations(copied, copier.report)
+    if report is not None:
+        for field in dataclasses.fields(report):
+            getattr(report, field.name).extend(getattr(copier.report, field.name))
+    dtypes = {p.dtype for p in copied.parameters() if p.is_floating_point()} - {torch.float32}
+    cast_from = sorted(dtypes, key=str)[0] if dtypes else None
+    if cast_from is not None:
+        copied.float()
+    linear_like.as_linears(copied)
+    return copied, cast_from

@@ -1,0 +1,167 @@
+"""What quantization did to a model, measured: :func:`compare` packages the metrics (evaluated by the caller),
+the serialized sizes, the coverage and the latency of the float and the quantized model, timed interleaved on the
+same inputs (:func:`interleaved_latency`), as a :class:`Comparison`; what each layer became and why is
+:mod:`lightning_compress.quantization.outcomes`.
+
+Plain PyTorch, usable without a Trainer; knows nothing of callbacks. Sizes and latency are measured alike whatever
+made the quantized model; which of its layers run quantized is read off their types
+(:func:`lightning_compress.quantization.outcomes.quantized_dtypes`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from lightning_compress.inputs import ModelInput
+from lightning_compress.quantization import measure, outcomes
+
+
+def coverage(model: nn.Module, names: Iterable[str]) -> float:
+    """The fraction of the model's parameter entries held by the named (quantized) layers."""
+    layers = dict(model.named_modules())
+    total = sum(p.numel() for p in model.parameters())
+    quantized = {id(p): p.numel() for name in names for p in layers[name].parameters()}
+    return sum(quantized.values()) / total if total else float("nan")
+
+
+@dataclasses.dataclass
+class Latency:
+    """Per-batch wall time of one model: the median and the range of the per-round medians, in milliseconds, and
+    how many inputs (batches) each round timed."""
+
+    median_ms: float
+    low_ms: float
+    high_ms: float
+    batches: int = 1
+
+
+@dataclasses.dataclass
+class Comparison:
+    """What quantization did to a model, every figure measured on it.
+
+    ``coverage``: the fraction of the float model's parameters in layers that run quantized in the quantized model.
+    ``size_causes``: when the quantized model is larger, why, each cause with its bytes
+    (:func:`lightning_compress.quantization.outcomes.size_causes`). ``timed_inputs``: the inputs latency was timed on,
+    described as ``(float32[128, 3, 32, 32])``; ``timed_on``: where they came from, in words.
+    """
+
+    metrics_before: dict[str, float]
+    metrics_after: dict[str, float]
+    size_mb_before: float
+    size_mb_after: float
+    coverage: float
+    latency_before: Latency | None = None
+    latency_after: Latency | None = None
+    cast_from: torch.dtype | None = None
+    size_causes: list[str] = dataclasses.field(default_factory=list)
+    timed_inputs: list[str] = dataclasses.field(default_factory=list)
+    timed_on: str | None = None
+
+    @property
+    def speedup(self) -> float | None:
+        if self.latency_before is None or self.latency_after is None:
+            return None
+        return self.latency_before.median_ms / self.latency_after.median_ms
+
+    def regressions(self) -> list[str]:
+        """What got worse, in words: a slower quantized model, a larger one."""
+        found = []
+        if self.speedup is not None and self.speedup < 1:
+            found.append(
+                f"the quantized model is slower than the float one on this machine ({self.latency_after.median_ms:.3f}"
+                f" against {self.latency_before.median_ms:.3f} ms per batch, {self.speedup:.2f}x); {self.coverage:.1%}"
+                " of its parameters are in quantized layers"
+            )
+        if self.size_mb_after > self.size_mb_before:
+            causes = "; ".join(self.size_causes) or "no layer's own bytes grew (the difference is the file's layout)"
+            found.append(
+                f"the quantized model is larger than the float one ({self.size_mb_after:.3f} against "
+                f"{self.size_mb_before:.3f} MB): {causes}"
+            )
+        return found
+
+
+def compare(
+    float_model: nn.Module,
+    quantized: nn.Module,
+    names: Iterable[str],
+    inputs: Sequence[ModelInput] = (),
+    metrics_before: dict[str, float] | None = None,
+    metrics_after: dict[str, float] | None = None,
+    rounds: int = 5,
+    budget_s: float | None = None,
+) -> Comparison:
+    """Package what was measured: the metrics (evaluated by the caller, e.g. with
+    :func:`lightning_compress.quantization.evaluation.validate`), the serialized sizes (and, when the quantized model is
+    larger, why), the coverage of the layers that run quantized in ``quantized`` and, when ``inputs`` are given,
+    both models' latency timed interleaved on them (see :func:`interleaved_latency`, and its ``budget_s``).
+
+    ``names``: the layers selected for quantization; coverage counts those that really run quantized.
+    """
+    ran = set(outcomes.quantized_dtypes(quantized))
+    comparison = Comparison(
+        dict(metrics_before or {}),
+        dict(metrics_after or {}),
+        measure.serialized_size_bytes(float_model) / 1e6,
+        measure.serialized_size_bytes(quantized) / 1e6,
+        coverage(float_model, [n for n in names if n in ran]),
+    )
+    if comparison.size_mb_after > comparison.size_mb_before:
+        comparison.size_causes = outcomes.size_causes(float_model, quantized)
+    if inputs:
+        comparison.latency_before, comparison.latency_after = interleaved_latency(
+            [float_model, quantized], inputs, rounds, budget_s
+        )
+        comparison.timed_inputs = [example.describe() for example in inputs[: comparison.latency_before.batches]]
+    return comparison
+
+
+@torch.inference_mode()
+def interleaved_latency(
+    models: Sequence[nn.Module], inputs: Sequence[ModelInput], rounds: int = 5, budget_s: float | None = None
+) -> list[Latency]:
+    """Per-batch latency of each model on the same ``inputs``, timed in alternating order round after round.
+
+    Each round runs every model over every input once (after one warm-up pass over the first three), the order of
+    the models reversed every other round, so a machine that slows down or speeds up during the measurement
+    affects all of them alike. Reported per model: the median over rounds of the round's median per-batch time,
+    and the lowest and highest round medians (the spread).
+
+    ``budget_s``: when given, only the first inputs that fit ``rounds`` rounds into about that many seconds (as the
+    warm-up measured them; at least one) are timed, so that large evaluation batches do not make timing longer
+    than evaluating; ``Latency.batches`` says how many were timed.
+    """
+    per_batch = [0.0 for _ in models]
+    for i, model in enumerate(models):
+        model.eval()
+        warm = []
+        for example in inputs[:3]:
+            start = time.perf_counter()
+            example(model)
+            warm.append(time.perf_counter() - start)
+        per_batch[i] = statistics.median(warm) if warm else 0.0
+    inputs = inputs[: _timed_count(len(inputs), sum(per_batch), rounds, budget_s)]
+    per_round: list[list[float]] = [[] for _ in models]
+    for r in range(rounds):
+        order = range(len(models)) if r % 2 == 0 else reversed(range(len(models)))
+        for i in order:
+            times = []
+            for example in inputs:
+                start = time.perf_counter()
+                example(models[i])
+                times.append(time.perf_counter() - start)
+            per_round[i].append(statistics.median(times) * 1e3)
+    return [Latency(statistics.median(r), min(r), max(r), len(inputs)) for r in per_round]
+
+
+def _timed_count(available: int, seconds_per_batch: float, rounds: int, budget_s: float | None) -> int:
+    """How many of ``available`` inputs :func:`interleaved_latency` times: all, or those that fit the budget."""
+    if budget_s is None or seconds_per_batch <= 0:
+        return available
+    return max(1, min(available, int(budget_s / (rounds * seconds_per_batch))))
