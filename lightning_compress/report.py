@@ -6,9 +6,10 @@ import csv
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import lightning.pytorch as pl
+if TYPE_CHECKING:  # Lightning is needed by the functions that take a trainer, not to read the metric keys
+    import lightning.pytorch as pl
 
 SPARSITY = "pruning/sparsity"
 TARGET = "pruning/target"

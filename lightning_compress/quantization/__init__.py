@@ -1,6 +1,10 @@
 """Post-training quantization at the end of ``fit``, measured: the callbacks and the plain functions under them.
 
-* :mod:`~lightning_compress.quantization.callbacks`: ``DynamicQuantization``, ``QuantizationError``;
+* :mod:`~lightning_compress.quantization.callbacks`: ``DynamicQuantization`` (how to quantize, dynamically);
+* :mod:`~lightning_compress.quantization.base`: ``QuantizationCallback``, everything the callbacks share (the
+  rehearsal, evaluation, figures, the artifact, the summary), and ``QuantizationError``;
+* :mod:`~lightning_compress.quantization.config`: their common arguments, checked;
+* :mod:`~lightning_compress.quantization.saving`: the fit's artifact, written measured;
 * :mod:`~lightning_compress.quantization.copying`: the robust float copy quantization starts from;
 * :mod:`~lightning_compress.quantization.linear_like`: Linear layers in disguise turned into ``nn.Linear``;
 * :mod:`~lightning_compress.quantization.dynamic`: dynamic quantization with torch.ao (which layers, the backend's
@@ -21,11 +25,15 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_CALLBACKS = ("DynamicQuantization", "QuantizationError")
+_CALLBACKS = {
+    "DynamicQuantization": "lightning_compress.quantization.callbacks",
+    "QuantizationError": "lightning_compress.quantization.base",
+    "QuantizationCallback": "lightning_compress.quantization.base",
+}
 __all__ = list(_CALLBACKS)
 
 
 def __getattr__(name: str) -> Any:
     if name in _CALLBACKS:
-        return getattr(importlib.import_module("lightning_compress.quantization.callbacks"), name)
+        return getattr(importlib.import_module(_CALLBACKS[name]), name)
     raise AttributeError(f"module 'lightning_compress.quantization' has no attribute {name!r}")

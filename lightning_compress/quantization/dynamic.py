@@ -1,17 +1,22 @@
-"""The quantization backend seam: one small function that turns a float model into a dynamically quantized copy.
+"""Dynamic quantization with torch.ao, as plain functions: which layers it takes (:func:`select_modules`: types,
+name patterns, tied weights), the quantized copy (:func:`quantize`), what the backend refuses and why, and the
+checked arguments of ``DynamicQuantization`` that say so (:class:`DynamicConfig`). Knows nothing of Lightning,
+of evaluation or of artifacts.
 
-Today's backend is ``torch.ao.quantization.quantize_dynamic``. Why (figures in ``benchmarks/README.md``): it is
-the only dynamic path in torch 2.13 that covers LSTM/GRU/RNN cells as well as Linear, and its fbgemm int8 kernels
-beat fp32 in eager mode on our CPU machines; torchao's ``Int8DynamicActivationInt8WeightConfig`` covers Linear
-only and pays off only after ``torch.compile`` there. torch.ao is deprecated in favour of torchao, so it stays
-behind this seam: when torchao is the better CPU path, only this module changes, not the public API.
+The backend is one small function, :func:`quantize_dynamic_copy`, over ``torch.ao.quantization.quantize_dynamic``.
+Why (figures in ``benchmarks/README.md``): it is the only dynamic path in torch 2.13 that covers LSTM/GRU/RNN
+cells as well as Linear, and its fbgemm int8 kernels beat fp32 in eager mode on our CPU machines; torchao's
+``Int8DynamicActivationInt8WeightConfig`` covers Linear only and pays off only after ``torch.compile`` there.
+torch.ao is deprecated in favour of torchao, so it stays behind this seam: when torchao is the better CPU path,
+only this module changes, not the public API. Static
+quantization (activations calibrated ahead of time, convolutions included) is another module beside this one.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import fnmatch
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -27,6 +32,58 @@ from lightning_compress.quantization.copying import Copier
 #: fly inside these layers, so there is no separate module to quantize (ReLU, Conv2d... have no dynamic form).
 SUPPORTED_MODULES: tuple[type[nn.Module], ...] = (nn.Linear, nn.LSTM, nn.GRU, nn.LSTMCell, nn.GRUCell, nn.RNNCell)
 DTYPES = {"qint8": torch.qint8, "float16": torch.float16}
+
+
+@dataclasses.dataclass
+class DynamicConfig:
+    """``DynamicQuantization``'s own arguments (see its docstring), checked: ``dtype`` becomes its name
+    (``"qint8"``/``"float16"``), ``modules`` a list (one type or pattern may be given alone)."""
+
+    dtype: str | torch.dtype = "qint8"
+    modules: Sequence[type[nn.Module] | str] | None = None
+    sparse_kernels: str = "off"
+
+    def __post_init__(self) -> None:
+        by_dtype = {v: k for k, v in DTYPES.items()}
+        if isinstance(self.dtype, torch.dtype) and self.dtype in by_dtype:
+            self.dtype = by_dtype[self.dtype]
+        if self.dtype not in DTYPES:
+            raise ValueError(
+                f"`dtype` must be one of {list(DTYPES)} (or torch.qint8 / torch.float16), got {self.dtype!r}"
+            )
+        if self.modules is not None:
+            self.modules = [self.modules] if isinstance(self.modules, (str, type)) else list(self.modules)
+            _check_modules(self.modules)
+        if self.sparse_kernels not in ("auto", "off"):
+            raise ValueError(f"`sparse_kernels` must be one of ['auto', 'off'], got {self.sparse_kernels!r}")
+
+
+def _check_modules(modules: list[Any]) -> None:
+    unsupported = [
+        m
+        for m in modules
+        if not (
+            isinstance(m, str)
+            or (isinstance(m, type) and (m in SUPPORTED_MODULES or linear_like.is_linear_like_type(m)))
+        )
+    ]
+    if unsupported or not modules:
+        names = ", ".join(getattr(m, "__name__", repr(m)) for m in unsupported) or "an empty list"
+        raise ValueError(
+            f"`modules` got {names}, which dynamic quantization cannot quantize. It takes glob patterns over "
+            f"module names and the layer types {_type_names(SUPPORTED_MODULES)} (and Linear layers in disguise: "
+            "transformers' Conv1D, Linear subclasses that keep Linear.forward): their weights are quantized "
+            "ahead of time and activations are quantized on the fly inside these layers, so other modules "
+            "(ReLU, Conv2d, ...) have no dynamically quantized form. Use static quantization for convolutions."
+        )
+
+
+def _type_names(types: Iterable[type]) -> str:
+    types = set(types)
+    ordered = [t for t in SUPPORTED_MODULES if t in types] + sorted(
+        (t for t in types if t not in SUPPORTED_MODULES), key=str
+    )
+    return ", ".join(t.__name__ for t in ordered)
 
 
 def quantize_dynamic_copy(
@@ -219,41 +276,6 @@ def failing_layers(float_model: nn.Module, quantized: nn.Module, names: list[str
             except Exception as error:
                 failing[name] = f"its quantized form fails on its input ({short_error(error, 160)})"
     return failing
-
-
-@contextlib.contextmanager
-def naming_the_failing_layer(model: nn.Module, names: list[str]) -> Iterator[None]:
-    """Run the body; when it raises inside one of the named (quantized) layers of ``model``, raise a
-    ``ValueError`` that names the innermost one and how to leave it in float (``exclude=``)."""
-    active: list[str] = []
-    modules = dict(model.named_modules())
-    handles = []
-
-    def entered(name: str) -> Callable[..., None]:
-        def hook(*_: Any) -> None:
-            active.append(name)
-
-        return hook
-
-    def left(*_: Any) -> None:  # a forward hook that returns nothing leaves the output as it is
-        active.pop()
-
-    for name in names:
-        handles.append(modules[name].register_forward_pre_hook(entered(name)))
-        handles.append(modules[name].register_forward_hook(left))
-    try:
-        yield
-    except Exception as error:
-        if not active:
-            raise
-        name = active[-1]
-        raise ValueError(
-            f"the quantized layer {name!r} ({type(modules[name]).__name__}) fails on its input "
-            f"({short_error(error, 160)}). Leave it in float with DynamicQuantization(exclude=[{name!r}])"
-        ) from error
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _listing(named: dict[str, nn.Module], limit: int = 30) -> str:

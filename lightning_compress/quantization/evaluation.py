@@ -1,24 +1,39 @@
-"""Evaluating a LightningModule with its own validation: ``validation_step`` and what it logs, through Lightning.
+"""Evaluating a model the way the run evaluates it: with the LightningModule's own validation (``validation_step``
+and what it logs, through Lightning), or, without one, on ``(input, target)`` batches with a torchmetrics metric;
+and the inputs its forward received, for timing and tracing (:class:`Evaluator`).
 
 A quiet inner ``Trainer(...).validate`` on the CPU runs the module's own code on its own batches (dicts, several
 inputs, ``ModelOutput``s: whatever the module handles), so nothing about the user's model has to be rewritten and
-no evaluation loop of ours has to guess the batch layout.
+no evaluation loop of ours has to guess the batch layout. An artifact is evaluated the same way, run in place of
+the model's forward (:meth:`Evaluator.artifact_measure`). Knows nothing of how a model is quantized.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
+import itertools
 import logging
 import types
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 import torchmetrics
 from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import nn
+from torch.utils.data import DataLoader
 
 from lightning_compress import compat
+from lightning_compress.artifacts.verification import CheckedArtifact, short_error
+from lightning_compress.inputs import ModelInput, capture_inputs
+from lightning_compress.quantization import measure, rehearsal
+
+#: Inputs the model's forward receives during an evaluation that are kept (for latency and tracing), at most.
+CAPTURED_INPUTS = 32
 
 
 def has_validation_step(module: pl.LightningModule) -> bool:
@@ -85,3 +100,159 @@ def quiet_lightning() -> Iterator[None]:
             yield
     finally:
         logger.setLevel(level)
+
+
+@dataclasses.dataclass
+class Evaluator:
+    """How a run evaluates a model: with the module's own validation when it has a ``validation_step`` (and
+    neither ``metric`` nor ``dataloader`` is given), else on ``(input, target)`` batches of ``dataloader`` (default:
+    the trainer's validation data, without a distributed sampler) with ``metric`` (default: multiclass accuracy of
+    the argmax, reported as ``accuracy``). ``owner`` names the callback in messages."""
+
+    metric: torchmetrics.Metric | None = None
+    dataloader: Iterable[Any] | None = None
+    owner: str = "DynamicQuantization"
+
+    def uses_validation_step(self, module: nn.Module) -> bool:
+        return self.metric is None and self.dataloader is None and has_validation_step(module)
+
+    def evaluate(
+        self, trainer: pl.Trainer, model: nn.Module, source: Any = None
+    ) -> tuple[list[ModelInput], dict[str, float]]:
+        """Metrics of ``model`` on the evaluation data (``source``: the varied batches of :meth:`varied_source`;
+        ``None``: all of it) and the inputs its forward got (up to ``CAPTURED_INPUTS``)."""
+        if self.uses_validation_step(model):
+            loaders = source if source is not None else compat.raw_val_dataloaders(trainer)
+            return capture_inputs(model, lambda: validate(model, loaders), CAPTURED_INPUTS)
+        batches = source if source is not None else self.batches(trainer)
+        return capture_inputs(model, lambda: {"accuracy": self.metric_value(model, batches)}, CAPTURED_INPUTS)
+
+    def varied_source(self, trainer: pl.Trainer) -> Any:
+        """The first, the last and the differently shaped batches of each evaluation loader
+        (:func:`lightning_compress.quantization.rehearsal.varied_batches`), in the form :meth:`evaluate` takes."""
+        if self.uses_validation_step(trainer.lightning_module):
+            return rehearsal.varied_loaders(compat.raw_val_dataloaders(trainer))
+        return rehearsal.Batches(self.batches(trainer, varied=True))
+
+    def metric_value(self, model: nn.Module, batches: Iterable[Any]) -> float:
+        """``metric`` over ``(input, target)`` batches of ``model(input)``; errors say which part does not fit."""
+        batches = iter(batches)
+        first = next(batches)
+        x, y = measure.split_batch(first)
+        try:
+            with torch.inference_mode():
+                output = model(x)
+        except TypeError as error:  # a forward that takes more than one input, e.g. forward(inputs, target)
+            raise ValueError(
+                f"without a `validation_step`, batches are evaluated as (input, target) with model(input), and "
+                f"calling forward with the batch's first item failed ({error}). Add a `validation_step` that calls "
+                "self(...) and logs a metric, or pass `dataloader=` and `metric=` that fit; with `evaluate=False`, "
+                "set `example_input_array` for tracing."
+            ) from error
+        metric = self.metric.clone() if self.metric is not None else measure.default_metric(output)
+        compat.never_sync(metric.to("cpu"))
+        try:
+            return measure.evaluate(model, itertools.chain([first], batches), metric)
+        except Exception as error:
+            raise ValueError(
+                f"the metric {type(metric).__name__} cannot be computed on the model's output (shape "
+                f"{tuple(output.shape)}) and the batch's target ({_describe(y)}): {error}. Pass `metric=` that fits."
+            ) from error
+
+    def batches(self, trainer: pl.Trainer, varied: bool = False) -> Iterator[Any]:
+        """CPU batches of the evaluation data (with ``varied``, those of
+        :func:`lightning_compress.quantization.rehearsal.varied_batches`)."""
+        source = self.dataloader if self.dataloader is not None else compat.raw_val_dataloaders(trainer)
+        is_loaders = isinstance(source, (list, tuple)) and source and all(isinstance(s, DataLoader) for s in source)
+        loaders = source if is_loaders else [source]
+        empty = True
+        for loader in loaders:
+            for batch in rehearsal.varied_batches(loader) if varied else loader:
+                empty = False
+                yield measure.to_device(batch, torch.device("cpu"))
+        if empty:
+            raise ValueError(f"{self.owner}: the evaluation data is empty")
+
+    def artifact_measure(
+        self, trainer: pl.Trainer, quantized: nn.Module, source: Any
+    ) -> Callable[[CheckedArtifact], dict[str, float]]:
+        """How to evaluate an artifact as the quantized model is evaluated: the same validation (or metric), run
+        with the artifact in place of the quantized model's forward (``source`` as in :meth:`evaluate`)."""
+        if self.uses_validation_step(quantized):
+            loaders = source if source is not None else compat.raw_val_dataloaders(trainer)
+
+            def validate_artifact(checked: CheckedArtifact) -> dict[str, float]:
+                # a shallow copy (same layers) runs the artifact; the quantized model stays what it is compared with
+                runner = copy.copy(quantized)
+                with _forward_replaced(runner, checked):
+                    return validate(runner, loaders)
+
+            return validate_artifact
+
+        def metric(checked: CheckedArtifact) -> dict[str, float]:
+            batches = source if source is not None else self.batches(trainer)
+            return {"accuracy": self.metric_value(_Calling(checked), batches)}
+
+        return metric
+
+
+@contextlib.contextmanager
+def _forward_replaced(module: nn.Module, forward: Callable[..., Any]) -> Iterator[None]:
+    """``module(...)`` runs ``forward`` for a while (its hooks, its ``validation_step`` unchanged)."""
+    module.__dict__["forward"] = forward
+    try:
+        yield
+    finally:
+        del module.__dict__["forward"]
+
+
+class _Calling(nn.Module):
+    """A module whose forward is a given callable (an artifact, called as the model is)."""
+
+    def __init__(self, call: Callable[..., Any]) -> None:
+        super().__init__()
+        self.call = call
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.call(*args, **kwargs)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"shape {tuple(value.shape)}, dtype {value.dtype}"
+    return type(value).__name__
+
+
+@contextlib.contextmanager
+def naming_the_failing_layer(model: nn.Module, names: list[str], owner: str = "DynamicQuantization") -> Iterator[None]:
+    """Run the body; when it raises inside one of the named (quantized) layers of ``model``, raise a
+    ``ValueError`` that names the innermost one and how to leave it in float (``owner``'s ``exclude=``)."""
+    active: list[str] = []
+    modules = dict(model.named_modules())
+    handles = []
+
+    def entered(name: str) -> Callable[..., None]:
+        def hook(*_: Any) -> None:
+            active.append(name)
+
+        return hook
+
+    def left(*_: Any) -> None:  # a forward hook that returns nothing leaves the output as it is
+        active.pop()
+
+    for name in names:
+        handles.append(modules[name].register_forward_pre_hook(entered(name)))
+        handles.append(modules[name].register_forward_hook(left))
+    try:
+        yield
+    except Exception as error:
+        if not active:
+            raise
+        name = active[-1]
+        raise ValueError(
+            f"the quantized layer {name!r} ({type(modules[name]).__name__}) fails on its input "
+            f"({short_error(error, 160)}). Leave it in float with {owner}(exclude=[{name!r}])"
+        ) from error
+    finally:
+        for handle in handles:
+            handle.remove()

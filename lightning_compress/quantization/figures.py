@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
+from lightning_compress import report
 from lightning_compress.inputs import ModelInput
 from lightning_compress.quantization import measure, outcomes
 
@@ -120,6 +121,26 @@ def compare(
         )
         comparison.timed_inputs = [example.describe() for example in inputs[: comparison.latency_before.batches]]
     return comparison
+
+
+def results(comparison: Comparison, headline: str | None) -> dict[str, float]:
+    """The logged figures of a comparison (:mod:`lightning_compress.report`'s keys): ``quantization/<metric>_before``
+    and ``_after`` for each metric, the headline metric as ``accuracy``, size, coverage and latency."""
+    found: dict[str, float] = {}
+    for name, value in comparison.metrics_before.items():
+        found[f"quantization/{name}_before"] = value
+    for name, value in comparison.metrics_after.items():
+        found[f"quantization/{name}_after"] = value
+    if headline is not None:
+        found[report.ACCURACY_BEFORE] = comparison.metrics_before[headline]
+        found[report.ACCURACY_AFTER] = comparison.metrics_after[headline]
+    found[report.SIZE_BEFORE] = comparison.size_mb_before
+    found[report.SIZE_AFTER] = comparison.size_mb_after
+    found[report.QUANTIZATION_COVERAGE] = comparison.coverage
+    if comparison.latency_before is not None:
+        found[report.LATENCY_BEFORE] = comparison.latency_before.median_ms
+        found[report.LATENCY_AFTER] = comparison.latency_after.median_ms
+    return found
 
 
 @torch.inference_mode()

@@ -113,3 +113,18 @@ def quantized_weights(model: nn.Module) -> dict[str, Tensor]:
         for name, value in items:
             weights[prefix + name] = value.dequantize() if value.is_quantized else value.detach()
     return weights
+
+
+def pruned_sparsity(
+    float_model: nn.Module, quantized: nn.Module, names: Iterable[str]
+) -> tuple[float, float, dict[str, tuple[float, float]]] | None:
+    """Fractions of exact zeros over the named parameters in the float and the quantized model: overall in each,
+    and ``name -> (float, quantized)``; only names both models hold count. ``None`` when none does."""
+    float_weights = dict(float_model.named_parameters())
+    dequantized = quantized_weights(quantized)
+    pruned = [n for n in dict.fromkeys(names) if n in float_weights and n in dequantized]
+    if not pruned:
+        return None
+    float_overall, float_layers = sparsity_by_name({n: float_weights[n] for n in pruned})
+    quantized_overall, quantized_layers = sparsity_by_name({n: dequantized[n] for n in pruned})
+    return float_overall, quantized_overall, {n: (float_layers[n], quantized_layers[n]) for n in pruned}

@@ -10,7 +10,7 @@ from torch.nn.utils import parametrizations, parametrize, prune
 from torch.utils.tensorboard import SummaryWriter
 
 from lightning_compress.inputs import ModelInput
-from lightning_compress.quantization import copying, dynamic
+from lightning_compress.quantization import copying, dynamic, evaluation
 from lightning_compress.quantization.copying import CopyReport
 
 
@@ -161,5 +161,5 @@ def test_layers_the_backend_cannot_take_are_found_by_kind():
     failing = dynamic.failing_layers(run, quantized, ["lstm", "other"], ModelInput((torch.randn(3, 2, 4),)))
     assert list(failing) == ["lstm"] and "packB" in failing["lstm"]
     with pytest.raises(ValueError, match=r"quantized layer 'lstm' \(LSTM\) fails.*exclude=\['lstm'\]"):
-        with dynamic.naming_the_failing_layer(quantized, ["lstm", "other"]), torch.no_grad():
+        with evaluation.naming_the_failing_layer(quantized, ["lstm", "other"]), torch.no_grad():
             quantized(torch.randn(3, 2, 4))
