@@ -22,8 +22,8 @@ import torch
 import torch.utils.benchmark as benchmark
 from torch import nn
 
-from lightning_compress import masks as engine
 from lightning_compress import save_compressed
+from lightning_compress.pruning import scores
 from lightning_compress.quantization.dynamic import quantize_dynamic_copy
 from lightning_compress.quantization.kernels import build_with_kernels, choose_linear_kernels
 from lightning_compress.quantization.measure import serialized_size_bytes
@@ -38,7 +38,7 @@ def pruned_mlp(widths: list[int], sparsity: float) -> nn.Module:
     for a, b in zip(widths, widths[1:]):
         layers += [nn.Linear(a, b), nn.ReLU()]
     model = nn.Sequential(*layers[:-1]).eval()
-    engine.prune_by_magnitude([m.weight for m in model if isinstance(m, nn.Linear)], sparsity, "layerwise")
+    scores.prune_by_magnitude([m.weight for m in model if isinstance(m, nn.Linear)], sparsity, "layerwise")
     return model
 
 

@@ -38,13 +38,14 @@ def measure(method: str, layers: int, width: int, amount: float) -> dict:
 
     model = _model(layers, width)
     if method == "lightning_compress":
-        from lightning_compress import masks as engine
+        from lightning_compress.pruning import masks as engine
+        from lightning_compress.pruning import scores
 
         weights = [m.weight for m in model]
         masks = [engine.new_mask(w) for w in weights]  # the callback's working masks
         before = _rss_mb()
         start = time.perf_counter()
-        engine.update_unstructured(weights, masks, amount, engine.l1_scores(weights), "global")
+        engine.update_unstructured(weights, masks, amount, scores.l1_scores(weights), "global")
         engine.apply_masks(weights, masks)
         seconds = time.perf_counter() - start
         zeros = sum(int((w == 0).sum()) for w in weights)

@@ -43,7 +43,8 @@ def _peak_mb() -> float:
 def _update_worker(rank: int, world: int, port: int, out: str, layers: int, width: int, amount: float) -> None:
     import torch
 
-    from lightning_compress import masks as engine
+    from lightning_compress.pruning import masks as engine
+    from lightning_compress.pruning import scores
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))  # the same cores in all, not more threads
     generator = torch.Generator().manual_seed(0)
@@ -55,7 +56,7 @@ def _update_worker(rank: int, world: int, port: int, out: str, layers: int, widt
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.tensor import Shard, distribute_tensor
 
-        from lightning_compress import sharding
+        from lightning_compress.pruning import sharding
 
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -70,7 +71,7 @@ def _update_worker(rank: int, world: int, port: int, out: str, layers: int, widt
     before = _rss_mb()
     _reset_peak()
     start = time.perf_counter()
-    engine.update_unstructured(weights, masks, amount, engine.l1_scores(weights), "global", parts, collective)
+    engine.update_unstructured(weights, masks, amount, scores.l1_scores(weights), "global", parts, collective)
     engine.apply_masks(weights, masks)
     seconds = time.perf_counter() - start
     zeros = sum(int((w == 0).sum()) for w in weights)

@@ -24,10 +24,11 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_shrink import ResNetish  # noqa: E402
 
-from lightning_compress import masks as engine  # noqa: E402
 from lightning_compress import shrink  # noqa: E402
-from lightning_compress.groups import channel_groups  # noqa: E402
 from lightning_compress.inputs import ModelInput  # noqa: E402
+from lightning_compress.pruning import masks as engine  # noqa: E402
+from lightning_compress.pruning import scores
+from lightning_compress.pruning.groups import channel_groups  # noqa: E402
 from lightning_compress.quantization.figures import interleaved_latency  # noqa: E402
 
 warnings.filterwarnings("ignore")
@@ -38,7 +39,7 @@ def pruned_mlp() -> nn.Sequential:
     model = nn.Sequential(nn.Linear(512, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 10))
     weights = [model[0].weight, model[2].weight]
     masks = [engine.new_mask(w) for w in weights]
-    engine.update_structured(weights, masks, 0.5, norm=2, dim=0)
+    scores.update_structured(weights, masks, 0.5, norm=2, dim=0)
     engine.apply_masks(weights, masks)
     return model.eval()
 
@@ -51,7 +52,7 @@ def pruned_cnn() -> nn.Module:
     params = dict(net.named_parameters())
     names = sorted({name for g in groups for name in g.slices})
     masks = {name: engine.new_mask(params[name]) for name in names}
-    engine.update_grouped(params, masks, groups, 0.5, norm=2)
+    scores.update_grouped(params, masks, groups, 0.5, norm=2)
     engine.apply_masks([params[n] for n in names], [masks[n] for n in names])
     return net
 

@@ -84,14 +84,15 @@ def run(callbacks, data) -> list[float]:
 
 def isolated_mask_cost(steps: int) -> tuple[float, float]:
     """Median plain training step and median mask re-application (the post-step hook's work), interleaved."""
-    from lightning_compress import masks as engine
+    from lightning_compress.pruning import masks as engine
+    from lightning_compress.pruning import scores
 
     torch.manual_seed(0)
     model = MLP()
     optimizer = model.configure_optimizers()
     x, y = torch.randn(128, 512), torch.randint(0, 10, (128,))
     weights = [model.net[i].weight for i in (0, 2, 4)]
-    masks = engine.prune_by_magnitude(weights, 0.9, "global")
+    masks = scores.prune_by_magnitude(weights, 0.9, "global")
     step_times, apply_times = [], []
     for _ in range(steps):
         start = time.perf_counter()
@@ -110,11 +111,12 @@ def application_variants() -> dict[str, float]:
     """Milliseconds to apply the 3 masks (5.3M weights, 90% pruned) in place, per way of applying them."""
     import torch.utils.benchmark as benchmark
 
-    from lightning_compress import masks as engine
+    from lightning_compress.pruning import masks as engine
+    from lightning_compress.pruning import scores
 
     torch.manual_seed(0)
     weights = [torch.randn(2048, 512), torch.randn(2048, 2048), torch.randn(10, 2048)]
-    byte_masks = engine.prune_by_magnitude(weights, 0.9, "global")
+    byte_masks = scores.prune_by_magnitude(weights, 0.9, "global")
     keep = [m != 0 for m in byte_masks]
     int_masks = [k.to(torch.int32).neg_() for k in keep]
     float_masks = [k.float() for k in keep]

@@ -1,7 +1,7 @@
 """Lightning callbacks that make trained models smaller and faster without changing how you train.
 
-Names are imported lazily, so that ``from lightning_compress import load_quantized`` in a serving process
-needs only torch (not Lightning, not the training code).
+Names are imported lazily, so that ``from lightning_compress import load_quantized`` in a serving process needs
+only torch (not Lightning, not the training code), and ``Pruner`` runs in a plain torch training loop.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from typing import Any
 __version__ = "0.3.0"
 
 _EXPORTS = {
-    "MagnitudePruning": "lightning_compress.pruning",
+    "MagnitudePruning": "lightning_compress.pruning.callbacks",
+    "Pruner": "lightning_compress.pruning.pruner",
     "DynamicQuantization": "lightning_compress.quantization.callbacks",
     "QuantizationError": "lightning_compress.quantization.callbacks",
     "load_quantized": "lightning_compress.artifacts",

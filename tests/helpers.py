@@ -16,7 +16,8 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_compress import masks as mask_engine
+from lightning_compress.pruning import masks as mask_engine
+from lightning_compress.pruning import scores
 
 #: This folder: the shared helpers, and the scripts the tests run in subprocesses (beside them, so they import them).
 TESTS_DIR = Path(__file__).resolve().parent
@@ -369,5 +370,5 @@ def pruned_mlp(widths, sparsity: float, scope: str = "global") -> nn.Sequential:
     for a, b in zip(widths, widths[1:]):
         layers += [nn.Linear(a, b), nn.ReLU()]
     model = nn.Sequential(*layers[:-1]).eval()
-    mask_engine.prune_by_magnitude([m.weight for m in model if isinstance(m, nn.Linear)], sparsity, scope)
+    scores.prune_by_magnitude([m.weight for m in model if isinstance(m, nn.Linear)], sparsity, scope)
     return model

@@ -17,8 +17,8 @@ import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Shard, distribute_tensor
 
-from lightning_compress import masks as engine
-from lightning_compress import sharding
+from lightning_compress.pruning import masks as engine
+from lightning_compress.pruning import scores, sharding
 
 SHAPES = [(7, 5), (1, 9), (6, 4, 3), (16,)]
 
@@ -35,17 +35,17 @@ def cases():
 
     def l1(scope):
         def grow(w, m, parts, collective, sparsity):
-            engine.update_unstructured(w, m, sparsity, engine.l1_scores(w), scope, parts, collective)
+            engine.update_unstructured(w, m, sparsity, scores.l1_scores(w), scope, parts, collective)
 
         return grow
 
     def random(w, m, parts, collective, sparsity):
-        scores = engine.random_scores(w, torch.Generator().manual_seed(5), parts)
-        engine.update_unstructured(w, m, sparsity, scores, "global", parts, collective)
+        source = scores.random_scores(w, torch.Generator().manual_seed(5), parts)
+        engine.update_unstructured(w, m, sparsity, source, "global", parts, collective)
 
     def structured(dim, norm):
         def grow(w, m, parts, collective, sparsity):
-            engine.update_structured(w[:3], m[:3], sparsity, norm, dim, parts[:3] if parts else None, collective)
+            scores.update_structured(w[:3], m[:3], sparsity, norm, dim, parts[:3] if parts else None, collective)
 
         return grow
 

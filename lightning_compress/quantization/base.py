@@ -26,14 +26,15 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
+from torch.distributed.tensor import DTensor
 
-from lightning_compress import compat, report, sharding
+from lightning_compress import compat, report
 from lightning_compress.artifacts.verification import short_error
 from lightning_compress.inputs import ModelInput
 from lightning_compress.protocols import PruningCallback, QuantizedMetricsPlot, SummaryLines
 from lightning_compress.quantization import figures, isolation, measure, outcomes, saving
 from lightning_compress.quantization.config import QuantizationConfig
-from lightning_compress.quantization.copying import CopyReport, float_copy
+from lightning_compress.quantization.copying import CopyReport, float_copy, full_state_dict
 from lightning_compress.quantization.evaluation import Evaluator, naming_the_failing_layer
 from lightning_compress.shrinking import shrink
 
@@ -147,7 +148,8 @@ class QuantizationCallback(Callback):
     # ------------------------------------------------------------------ before training: fail fast
     @property
     def _name(self) -> str:
-        return type(self).__name__
+        """The class users know this callback by, in messages (a user's subclass of it keeps its name)."""
+        return next(c.__name__ for c in type(self).__mro__ if c.__module__.startswith("lightning_compress."))
 
     @property
     def _evaluation(self) -> Evaluator:
@@ -400,9 +402,9 @@ def _count(model: nn.Module) -> int:
 
 def _gather(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, torch.Tensor] | None:
     """Under a sharded strategy, the full state dict on rank zero (a collective); else ``None``."""
-    if not compat.is_sharded_strategy(trainer) or not any(sharding.is_sharded(p) for p in pl_module.parameters()):
+    if not compat.is_sharded_strategy(trainer) or not any(isinstance(p, DTensor) for p in pl_module.parameters()):
         return None
-    return sharding.full_state_dict(pl_module)
+    return full_state_dict(pl_module)
 
 
 def _headline(trainer: pl.Trainer, monitor: str | None, before: dict[str, float]) -> str | None:

@@ -311,3 +311,13 @@ def float_copy(
         copied.float()
     linear_like.as_linears(copied)
     return copied, cast_from
+
+
+def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The strategy's full state dict of a sharded ``module``, on the CPU of rank zero (empty elsewhere).
+
+    A collective: every process calls it. ``get_model_state_dict`` gathers the shards one parameter at a time.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -1,7 +1,7 @@
 import pytest
 from torch import nn
 
-from lightning_compress.selection import default_parameter_names, select_parameters
+from lightning_compress.pruning.selection import default_parameter_names, select_parameters
 
 
 class Mixed(nn.Module):

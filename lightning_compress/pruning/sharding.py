@@ -3,13 +3,13 @@
 ``fully_shard`` turns each parameter into a ``DTensor`` whose local tensor on a process is a block of rows (dim 0,
 ``torch.chunk`` sizes: the last processes may hold fewer rows, or none) on a 1-D mesh, or on a 2-D mesh whose
 other dimension replicates (HSDP). A block of rows is a contiguous range of the full tensor's row-major flat
-entries, which is what the mask engine's :class:`~lightning_compress.masks.Part` describes; a replica is marked
+entries, which is what the mask engine's :class:`~lightning_compress.pruning.masks.Part` describes; a replica is marked
 ``counted=False``, so every entry of the full tensor is counted once. Other layouts (tensor parallelism, sharding
 on another dim) are refused by :func:`part_of`.
 
 Everything here is plain ``torch.distributed``: the engine's reductions (:class:`ProcessGroupCollective`), where a
-local shard lies (:func:`part_of`), and moving masks between their local form (training) and their full form
-(checkpoints).
+local shard lies (:func:`part_of`, :func:`locate`), and moving masks between their local form (training) and their
+full form (checkpoints). Knows nothing of schedules, scores or Lightning.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from lightning_compress import compat
-from lightning_compress.masks import Collective, Part
+from lightning_compress.pruning.masks import LOCAL, Collective, Part, whole
 
 
 def fsdp_modules(module: torch.nn.Module) -> list[torch.nn.Module]:
@@ -87,6 +87,20 @@ def part_of(name: str, parameter: Tensor) -> Part:
     global_offset = compat.local_shard_offset(parameter)
     row = math.prod(parameter.shape[1:])
     return Part(global_offset[0] * row if parameter.dim() else 0, parameter.numel(), counted)
+
+
+def locate(names: Sequence[str], parameters: Sequence[Tensor]) -> tuple[list[Part], Collective]:
+    """Which part of each parameter this process holds, and how the processes' counts are joined.
+
+    Sharded (``DTensor``) parameters hold row blocks; a parameter left unsharded beside sharded ones is a full copy
+    on every process, counted on rank zero only. Without sharding every process holds everything (DDP ranks compute
+    the same masks, each on its own): the parts are whole and the collective is the identity.
+    """
+    if not any(is_sharded(p) for p in parameters):
+        return whole(parameters), LOCAL
+    counted = dist.get_rank() == 0
+    parts = [part_of(n, p) if is_sharded(p) else Part(0, p.numel(), counted) for n, p in zip(names, parameters)]
+    return parts, ProcessGroupCollective()
 
 
 class ProcessGroupCollective:
@@ -154,13 +168,3 @@ def global_zero_counts(tensors: Sequence[Tensor], parts: Sequence[Part], collect
         dtype=torch.int64,
     )
     return [int(c) for c in collective.sum(counts)]
-
-
-def full_state_dict(module: torch.nn.Module) -> dict[str, Tensor]:
-    """The strategy's full state dict of a sharded ``module``, on the CPU of rank zero (empty elsewhere).
-
-    A collective: every process calls it. ``get_model_state_dict`` gathers the shards one parameter at a time.
-    """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

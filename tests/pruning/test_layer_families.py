@@ -13,7 +13,7 @@ from torch.nn.utils import prune
 from torch.utils.data import DataLoader
 
 from lightning_compress import MagnitudePruning, shrink
-from lightning_compress.selection import matrix_numel
+from lightning_compress.pruning.selection import matrix_numel
 from lightning_compress.shrinking import ShrinkWarning
 
 transformers = pytest.importorskip("transformers")

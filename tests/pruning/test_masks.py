@@ -6,7 +6,8 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from lightning_compress import masks as engine
+from lightning_compress.pruning import masks as engine
+from lightning_compress.pruning import scores
 
 
 def _layers(dtype=torch.float32):
@@ -47,7 +48,7 @@ def test_global_l1_matches_torch_global_unstructured_while_growing(dtype):
     weights = [m.weight for m in layers]
     masks = _ones(weights)
     for amount in (0.1, 0.35, 0.6, 0.9, 0.97):
-        engine.update_unstructured(weights, masks, amount, engine.l1_scores(weights), "global")
+        engine.update_unstructured(weights, masks, amount, scores.l1_scores(weights), "global")
         # torch prunes the same weights (already pruned ones are 0, hence the smallest) in one shot
         expected = _torch_global_masks(layers, amount)
         if dtype == torch.float16:
@@ -65,7 +66,7 @@ def test_layerwise_l1_matches_torch_l1_unstructured():
     weights = [m.weight for m in layers]
     masks = _ones(weights)
     for amount in (0.25, 0.5, 0.8):
-        engine.update_unstructured(weights, masks, amount, engine.l1_scores(weights), "layerwise")
+        engine.update_unstructured(weights, masks, amount, scores.l1_scores(weights), "layerwise")
         for layer, mask in zip(layers, masks):
             reference = copy.deepcopy(layer)
             prune.l1_unstructured(reference, "weight", amount)
@@ -79,7 +80,7 @@ def test_structured_matches_torch_ln_structured(norm, dim):
     weights = [m.weight for m in layers]
     masks = _ones(weights)
     for amount in (0.2, 0.5, 0.75):
-        engine.update_structured(weights, masks, amount, norm, dim)
+        scores.update_structured(weights, masks, amount, norm, dim)
         for layer, mask in zip(layers, masks):
             reference = copy.deepcopy(layer)
             prune.ln_structured(reference, "weight", amount, n=norm, dim=dim)
@@ -96,7 +97,7 @@ def test_multi_pass_narrowing_and_chunk_boundaries(monkeypatch):
         weights = [m.weight for m in layers]
         masks = _ones(weights)
         for amount in (0.3, 0.7):
-            engine.update_unstructured(weights, masks, amount, engine.l1_scores(weights), "global")
+            engine.update_unstructured(weights, masks, amount, scores.l1_scores(weights), "global")
             for keep, ref in zip(_keep(masks), _torch_global_masks(layers, amount)):
                 assert torch.equal(keep, ref.bool())
             engine.apply_masks(weights, masks)
@@ -107,7 +108,7 @@ def test_ties_prefer_already_pruned_then_lowest_index():
     weight[0, :3] = 1.0  # a few nonzero entries; the rest tie at 0
     mask = engine.new_mask(weight)
     mask.view(-1)[[17, 18]] = 0  # already pruned, tied at 0 with the others
-    engine.update_unstructured([weight], [mask], 0.5, engine.l1_scores([weight]), "global")
+    engine.update_unstructured([weight], [mask], 0.5, scores.l1_scores([weight]), "global")
     pruned = (mask.view(-1) == 0).nonzero().squeeze(1).tolist()
     # 10 entries: the 2 already pruned, then the 8 lowest indices among the zero-valued ones (3..10)
     assert pruned == [3, 4, 5, 6, 7, 8, 9, 10, 17, 18]
@@ -116,7 +117,7 @@ def test_ties_prefer_already_pruned_then_lowest_index():
 def test_ties_across_tensors_go_to_the_earlier_tensor():
     weights = [torch.full((3,), 0.5), torch.full((3,), 0.5)]
     masks = _ones(weights)
-    engine.update_unstructured(weights, masks, 4 / 6, engine.l1_scores(weights), "global")
+    engine.update_unstructured(weights, masks, 4 / 6, scores.l1_scores(weights), "global")
     assert _keep(masks)[0].tolist() == [False] * 3 and _keep(masks)[1].tolist() == [False, True, True]
 
 
@@ -124,14 +125,14 @@ def test_masks_never_regrow():
     layers = _layers()
     weights = [m.weight for m in layers]
     masks = _ones(weights)
-    engine.update_unstructured(weights, masks, 0.6, engine.l1_scores(weights), "global")
+    engine.update_unstructured(weights, masks, 0.6, scores.l1_scores(weights), "global")
     before = [m.clone() for m in masks]
     with torch.no_grad():
         for w in weights:
             w.add_(torch.randn_like(w))  # pruned weights now have large magnitudes
-    engine.update_unstructured(weights, masks, 0.3, engine.l1_scores(weights), "global")
+    engine.update_unstructured(weights, masks, 0.3, scores.l1_scores(weights), "global")
     assert all(torch.equal(a, b) for a, b in zip(masks, before))
-    engine.update_unstructured(weights, masks, 0.7, engine.l1_scores(weights), "global")
+    engine.update_unstructured(weights, masks, 0.7, scores.l1_scores(weights), "global")
     assert all(bool((b == 0)[a != 0].sum() == 0) for a, b in zip(masks, before)), "a pruned weight regrew"
 
 
@@ -144,7 +145,7 @@ def test_random_count_growth_and_reproducibility():
         masks = _ones(weights)
         history = []
         for amount in (0.2, 0.5, 0.8):
-            engine.update_unstructured(weights, masks, amount, engine.random_scores(weights, generator), "global")
+            engine.update_unstructured(weights, masks, amount, scores.random_scores(weights, generator), "global")
             assert sum(int((m == 0).sum()) for m in masks) == round(amount * n)
             history.append([m.clone() for m in masks])
         return history
@@ -186,7 +187,7 @@ def test_zero_fraction_counts_exact_zeros():
 
 
 def test_grouped_update_scores_coupled_slices_together_and_only_grows():
-    from lightning_compress.groups import ChannelGroup
+    from lightning_compress.pruning.groups import ChannelGroup
 
     torch.manual_seed(0)
     conv = torch.randn(6, 3, 3, 3)  # a layer's 6 filters
@@ -195,7 +196,7 @@ def test_grouped_update_scores_coupled_slices_together_and_only_grows():
     params = {"conv": conv, "bn.w": bn_weight, "bn.b": bn_bias, "other": other}
     masks = {name: engine.new_mask(p) for name, p in params.items()}
     group = ChannelGroup("conv", 6, {name: [[c] for c in range(6)] for name in params})
-    engine.update_grouped(params, masks, [group], 0.5, norm=2)
+    scores.update_grouped(params, masks, [group], 0.5, norm=2)
     by_hand = conv.flatten(1).pow(2).sum(1) + bn_weight.pow(2) + bn_bias.pow(2) + other.pow(2).sum(1)
     expected = set(by_hand.argsort()[:3].tolist())
     for name in params:
@@ -203,7 +204,7 @@ def test_grouped_update_scores_coupled_slices_together_and_only_grows():
         assert pruned == expected, name  # the same channels, in every member
     with torch.no_grad():
         other.mul_(100)  # scores change; pruned channels stay pruned and count first
-    engine.update_grouped(params, masks, [group], 4 / 6, norm=2)
+    scores.update_grouped(params, masks, [group], 4 / 6, norm=2)
     pruned = {c for c in range(6) if not masks["conv"].reshape(6, -1)[c].any()}
     assert expected < pruned and len(pruned) == 4
 

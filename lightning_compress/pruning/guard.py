@@ -30,7 +30,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from lightning_compress import masks as mask_engine
+from lightning_compress.pruning import masks as mask_engine
 
 RAISE, HOLD, ROLL_BACK, STOP = "raise", "hold", "roll back", "stop"
 Decision = Literal["raise", "hold", "roll back", "stop"]

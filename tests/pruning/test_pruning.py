@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_compress import MagnitudePruning
-from lightning_compress.schedules import target_sparsity
+from lightning_compress.pruning.schedules import target_sparsity
 
 
 def _fit(callbacks, kwargs, model=None, max_epochs=4, **extra):

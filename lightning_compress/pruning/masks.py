@@ -1,4 +1,6 @@
-"""The mask engine: scores, an exact k-th-smallest threshold, growing-only masks, in-place application.
+"""The mask engine: an exact k-th-smallest threshold over any scores, growing-only masks, in-place application.
+The scores themselves (magnitude, random, structured norms) are :mod:`lightning_compress.pruning.scores`; this
+module knows nothing of what a score means, of schedules or of Lightning.
 
 Masks follow ``torch.nn.utils.prune``'s convention: nonzero keeps a weight, 0 prunes it. In memory a mask is one
 byte per weight (``int8``: -1, all bits set, keeps; 0 prunes), on the weight's device. Re-applying it after every
@@ -21,15 +23,14 @@ tensor at a time, so extra memory is a few temporaries of the largest single ten
 Sharded tensors: each process may hold only a :class:`Part` of each tensor (a contiguous range of its flat
 entries, as FSDP2 shards dim 0). A :class:`Collective` then sums the counts and histograms and concatenates the
 threshold's candidates across processes, and ties are broken by the index in the full tensor, so every process
-finds the masks a single process holding the full tensors would (see :mod:`lightning_compress.sharding`).
+finds the masks a single process holding the full tensors would (see :mod:`lightning_compress.pruning.sharding`).
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -241,56 +242,6 @@ def prune_smallest(
             mask.view(-1)[mine.to(mask.device)] = 0
 
 
-def l1_scores(weights: Sequence[Tensor]) -> ScoreSource:
-    """``|w|``, computed chunk by chunk when asked."""
-    flats = [w.detach().reshape(-1) for w in weights]
-    return lambda i, start, stop: flats[i][start:stop].abs()
-
-
-def random_scores(
-    weights: Sequence[Tensor], generator: torch.Generator, parts: Sequence[Part] | None = None
-) -> ScoreSource:
-    """Uniform random scores in [0, 1), reproducible from ``generator`` (a CPU generator) alone.
-
-    One seed per weight is drawn from ``generator`` now; the entries ``[c, c + CHUNK)`` of the full tensor
-    (``c`` a multiple of ``CHUNK``) are drawn from a generator seeded with that seed plus ``c``. Each call thus
-    regenerates the same scores without keeping them, the sequence of masks follows from the generator state
-    alone (saved in checkpoints; the same on every rank), and a sharded tensor's entries get the scores they
-    would get whole, whatever the ``parts``.
-    """
-    seeds = torch.randint(0, 2**62, (len(weights),), generator=generator).tolist()
-    parts = list(parts) if parts is not None else whole(weights)
-
-    def score(i: int, start: int, stop: int) -> Tensor:
-        first, last = parts[i].offset + start, parts[i].offset + stop
-        drawn = [torch.empty(0)]
-        for chunk in range(first - first % CHUNK, last, CHUNK):
-            size = min(CHUNK, parts[i].total - chunk)
-            drawn.append(torch.rand(size, generator=torch.Generator().manual_seed(seeds[i] + chunk)))
-        begin = first % CHUNK
-        return torch.cat(drawn)[begin : begin + stop - start].to(weights[i].device)
-
-    return score
-
-
-def channel_norms(weight: Tensor, norm: float, dim: int) -> Tensor:
-    """The Ln norm of each slice along ``dim``, computed exactly as ``torch.nn.utils.prune.ln_structured``."""
-    dims = list(range(weight.dim()))
-    dims.remove(dims[dim])
-    return torch.norm(weight.detach(), p=norm, dim=dims)
-
-
-def _slice_mask_view(mask: Tensor, dim: int) -> Tensor:
-    """A vector of the mask's dtype, 1 for each slice along ``dim`` that is kept, 0 for each fully pruned slice."""
-    dims = list(range(mask.dim()))
-    dims.remove(dims[dim])
-    if not dims:
-        return (mask != 0).to(mask.dtype)
-    if mask.numel() == 0:  # an empty shard holds no entry of any slice
-        return torch.zeros(mask.shape[dim], dtype=mask.dtype, device=mask.device)
-    return (mask != 0).any(dim=dims).to(mask.dtype)
-
-
 def update_unstructured(
     weights: Sequence[Tensor],
     masks: Sequence[Tensor],
@@ -311,98 +262,6 @@ def update_unstructured(
         prune_smallest(score, [m], count_to_prune(sparsity, part.total), [part], collective)
 
 
-def update_structured(
-    weights: Sequence[Tensor],
-    masks: Sequence[Tensor],
-    sparsity: float,
-    norm: float,
-    dim: int | Sequence[int],
-    parts: Sequence[Part] | None = None,
-    collective: Collective = LOCAL,
-) -> None:
-    """Grow each mask to ``round(sparsity * slices)`` fully pruned slices along ``dim``, by smallest Ln norm.
-
-    ``dim`` is a stored dimension, one for all tensors or one per tensor (the callback maps "output channels" to
-    each weight's layout: see :mod:`lightning_compress.layouts`).
-    Slices already pruned count first (their norm is 0); matches ``torch.nn.utils.prune.ln_structured``.
-    With ``parts``, the local tensors are row blocks (dim 0) of the full ones: slices along dim 0 are whole on
-    one process and pruned as the parts of one vector of norms; a slice along another dim spans processes, and
-    its norm is the ``norm``-th root of the sum of the processes' partial sums of ``|w|^norm`` (the max for inf).
-    """
-    dims = [dim] * len(weights) if isinstance(dim, int) else list(dim)
-    for w, m, part, d in zip(weights, masks, parts if parts is not None else whole(weights), dims):
-        dim_ = d % w.dim()
-        shape = [1] * w.dim()
-        shape[dim_] = w.shape[dim_]
-        slice_mask = _slice_mask_view(m, dim_)
-        if parts is None:
-            norms = channel_norms(w, norm, dim_)
-            prune_smallest(lambda _, a, b, norms=norms: norms[a:b], [slice_mask], count_to_prune(sparsity, len(norms)))
-        elif dim_ == 0:
-            row = math.prod(w.shape[1:])
-            rows = Part(part.offset // row if row else 0, part.total // row if row else 0, part.counted)
-            norms = channel_norms(w, norm, 0)
-            prune_smallest(
-                lambda _, a, b, norms=norms: norms[a:b],
-                [slice_mask],
-                count_to_prune(sparsity, rows.total),
-                [rows],
-                collective,
-            )
-        else:
-            norms = _partial_norms(w, norm, dim_, part.counted, collective)
-            local_kept = slice_mask.cpu().long() if part.counted else torch.zeros(len(norms), dtype=torch.int64)
-            slice_mask = collective.max(local_kept).to(m.device, m.dtype)
-            prune_smallest(lambda _, a, b, norms=norms: norms[a:b], [slice_mask], count_to_prune(sparsity, len(norms)))
-        m.mul_(slice_mask.view(shape))
-
-
-def _partial_norms(weight: Tensor, norm: float, dim: int, counted: bool, collective: Collective) -> Tensor:
-    """The Ln norm of each slice along ``dim`` of a tensor whose rows are spread over processes."""
-    dims = [d for d in range(weight.dim()) if d != dim]
-    values = weight.detach().abs().double()
-    if math.isinf(norm):
-        local = values.amax(dim=dims) if values.numel() else torch.zeros(weight.shape[dim], dtype=torch.float64)
-        return collective.max(local.cpu() if counted else torch.zeros_like(local.cpu())).to(weight.dtype)
-    local = values.pow(norm).sum(dim=dims)
-    return collective.sum(local.cpu() if counted else torch.zeros_like(local.cpu())).pow(1 / norm).to(weight.dtype)
-
-
-def update_grouped(
-    params: Mapping[str, Tensor], masks: Mapping[str, Tensor], groups: Sequence[Any], sparsity: float, norm: float
-) -> None:
-    """Grow the masks so that ``round(sparsity * channels)`` channels of each group are pruned in every member.
-
-    ``groups`` are :class:`lightning_compress.groups.ChannelGroup`: for each channel, the slices (along each
-    parameter's channel dimension, ``group.dims``, 0 by default) of every parameter coupled to it. A channel's score
-    is its slices' ``|w|^norm`` summed over all members (the max for ``norm=inf``), so coupled layers are scored
-    together; channels already pruned count first and stay pruned; ties go to the lowest channel index.
-    """
-    for group in groups:
-        dims = getattr(group, "dims", {})
-        scores = torch.zeros(group.channels, dtype=torch.float64)
-        pruned = torch.ones(group.channels, dtype=torch.bool)
-        for name, by_channel in group.slices.items():
-            weight = params[name].detach().movedim(dims.get(name, 0), 0)
-            rows = weight.reshape(weight.shape[0], -1).abs().double().cpu()
-            per_row = rows.amax(dim=1) if math.isinf(norm) else rows.pow(norm).sum(dim=1)
-            mask = masks[name].movedim(dims.get(name, 0), 0)
-            kept = (mask.reshape(mask.shape[0], -1) != 0).any(dim=1).cpu()
-            for channel, rows_of_channel in enumerate(by_channel):
-                value = per_row[rows_of_channel]
-                scores[channel] = (
-                    torch.maximum(scores[channel], value.max()) if math.isinf(norm) else (scores[channel] + value.sum())
-                )
-                pruned[channel] &= not bool(kept[rows_of_channel].any())
-        channel_mask = torch.where(pruned, 0, -1).to(torch.int64)
-        prune_smallest(
-            lambda _, a, b, scores=scores: scores[a:b], [channel_mask], count_to_prune(sparsity, group.channels)
-        )
-        for channel in (channel_mask == 0).nonzero().flatten().tolist():
-            for name, by_channel in group.slices.items():
-                masks[name].movedim(dims.get(name, 0), 0)[by_channel[channel]] = 0  # a view: writes into the mask
-
-
 @torch.no_grad()
 def apply_masks(weights: Iterable[Tensor], masks: Iterable[Tensor]) -> None:
     """Set the pruned entries to exactly 0 in place: a bitwise AND of each weight's bits with its widened mask.
@@ -418,12 +277,3 @@ def apply_masks(weights: Iterable[Tensor], masks: Iterable[Tensor]) -> None:
         for start in range(0, bits.numel(), APPLY_CHUNK):
             stop = start + APPLY_CHUNK
             bits[start:stop].bitwise_and_(flat[start:stop].to(bits.dtype))
-
-
-def prune_by_magnitude(weights: Sequence[Tensor], sparsity: float, scope: str = "global") -> list[Tensor]:
-    """One shot, without a Trainer: zero the smallest-magnitude entries of ``weights`` in place to ``sparsity``
-    (one threshold over all tensors for ``"global"``, one per tensor for ``"layerwise"``); returns the masks."""
-    masks = [new_mask(w) for w in weights]
-    update_unstructured(weights, masks, sparsity, l1_scores(weights), scope)
-    apply_masks(weights, masks)
-    return masks

@@ -11,11 +11,13 @@ Every named schedule has the form ``target(i) = amount * f(p)`` with the progres
   from 1 to ``1 - amount``: every equal step of progress removes the same fraction of the weights that
   are still alive (the rule behind iterative magnitude pruning at a fixed rate per round).
 
-This module knows nothing of Lightning or tensors.
+:func:`update_indices` lists the epochs (or steps) at which masks are updated, and :func:`check_values` evaluates a
+callable schedule at each of them before training. This module knows nothing of Lightning or tensors.
 """
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable
 
 ScheduleFn = Callable[[int], float]
@@ -82,3 +84,18 @@ def validate_schedule(schedule: object) -> Schedule:
     raise ValueError(
         f"`schedule` must be one of {sorted(SCHEDULES)} or a callable(index: int) -> sparsity, got {schedule!r}"
     )
+
+
+def update_indices(start: int, end: int, frequency: int) -> list[int]:
+    """The epochs (or steps) from ``start`` to ``end`` at which masks are updated (see :func:`is_update_index`)."""
+    return [i for i in range(start, end + 1) if is_update_index(i, start, end, frequency)]
+
+
+def check_values(schedule: Schedule, indices: list[int], interval: str) -> None:
+    """Evaluate a callable ``schedule`` at every update index now, so that a bad value fails before training."""
+    if not callable(schedule):
+        return
+    for index in indices:
+        value = schedule(index)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
+            raise ValueError(f"`schedule` returned {value!r} for {interval} {index}; it must return a number in [0, 1)")

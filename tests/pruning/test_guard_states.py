@@ -14,8 +14,9 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from lightning_compress import masks as mask_engine
-from lightning_compress.guard import HOLD, RAISE, ROLL_BACK, AccuracyGuard, GuardedSchedule
+from lightning_compress.pruning import masks as mask_engine
+from lightning_compress.pruning import scores
+from lightning_compress.pruning.guard import HOLD, RAISE, ROLL_BACK, AccuracyGuard, GuardedSchedule
 
 NAMES = ["a", "b"]
 SCHEDULES = [[0.0, 0.3, 0.6], [0.5], [0.0, 0.0, 0.5, 0.9], [0.2, 0.2, 0.4], [0.6, 0.3, 0.7]]
@@ -91,8 +92,8 @@ class GuardMachine(RuleBasedStateMachine):
         self.ended = False
 
     def grow(self, target):
-        scores = mask_engine.l1_scores(self.weights)
-        mask_engine.update_unstructured(self.weights, self.masks, target, scores, "global")
+        source = scores.l1_scores(self.weights)
+        mask_engine.update_unstructured(self.weights, self.masks, target, source, "global")
         mask_engine.apply_masks(self.weights, self.masks)
 
     @rule(value=st.sampled_from(VALUES))

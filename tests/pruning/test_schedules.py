@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from lightning_compress.schedules import is_update_index, progress, target_sparsity, validate_schedule
+from lightning_compress.pruning.schedules import is_update_index, progress, target_sparsity, validate_schedule
 
 
 def zhu_gupta(t, s_i, s_f, t0, n, dt):

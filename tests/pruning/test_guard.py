@@ -8,7 +8,7 @@ from helpers import DigitsDataModule, DigitsMLP, Probe, assert_fails_before_trai
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_compress import DynamicQuantization, MagnitudePruning
-from lightning_compress.guard import HOLD, RAISE, ROLL_BACK, STOP, AccuracyGuard
+from lightning_compress.pruning.guard import HOLD, RAISE, ROLL_BACK, STOP, AccuracyGuard
 
 
 # ---------------------------------------------------------------------------------------------- the state machine

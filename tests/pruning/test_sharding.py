@@ -2,17 +2,15 @@
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-HERE = Path(__file__).parent
+from helpers import TESTS_DIR
 
 
 def _run_script(script: str, *args, timeout: int = 240) -> subprocess.CompletedProcess:
     result = subprocess.run(
-        [sys.executable, str(HERE / script), *map(str, args)], capture_output=True, text=True, timeout=timeout
+        [sys.executable, str(TESTS_DIR / script), *map(str, args)], capture_output=True, text=True, timeout=timeout
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return result
@@ -45,12 +43,13 @@ def _oracle_masks(case: str, initial: dict[str, torch.Tensor]) -> dict[str, torc
     from torch import nn
     from torch.nn.utils import prune
 
-    from lightning_compress import masks as engine
+    from lightning_compress.pruning import masks as engine
+    from lightning_compress.pruning import scores
 
     if case == "random":
         weights = [w.clone() for w in initial.values()]
         masks = [engine.new_mask(w) for w in weights]
-        scores = engine.random_scores(weights, torch.Generator().manual_seed(3))
+        scores = scores.random_scores(weights, torch.Generator().manual_seed(3))
         engine.update_unstructured(weights, masks, 0.6, scores, "global")
         return {name: m != 0 for name, m in zip(initial, masks)}
     holders = {name: nn.Module() for name in initial}
@@ -117,7 +116,7 @@ def test_resuming_mid_schedule_gives_the_weights_and_masks_of_an_uninterrupted_r
 
 def test_an_unsupported_setting_fails_on_every_rank_before_training(tmp_path):
     result = subprocess.run(
-        [sys.executable, str(HERE / "fsdp_script.py"), tmp_path, "fsdp", "unsupported"],
+        [sys.executable, str(TESTS_DIR / "fsdp_script.py"), tmp_path, "fsdp", "unsupported"],
         capture_output=True,
         text=True,
         timeout=120,  # a rank left waiting for the other would hang here instead of failing
@@ -155,7 +154,7 @@ def test_quantization_gathers_the_model_and_writes_one_artifact_that_loads_in_a_
 @pytest.mark.parametrize("when", ["early", "late"])
 def test_a_quantization_failure_on_rank_zero_ends_every_rank_without_hanging(tmp_path, when):
     result = subprocess.run(
-        [sys.executable, str(HERE / "fsdp_script.py"), tmp_path, "fsdp", f"quantize_fails_{when}"],
+        [sys.executable, str(TESTS_DIR / "fsdp_script.py"), tmp_path, "fsdp", f"quantize_fails_{when}"],
         capture_output=True,
         text=True,
         timeout=180,  # a rank left waiting for the other would hang here instead of failing

@@ -100,6 +100,53 @@ def analyse_groups(model: nn.Module, example_input: Any, selected: Iterable[str]
     return GroupAnalysis(groups, left_out)
 
 
+@dataclasses.dataclass
+class GroupSelection:
+    """What ``structure="groups"`` prunes: the groups, every parameter in them (in model order), and, when some
+    selected weights are in none, the message naming them with the reasons (``expected``: only output layers,
+    worth an info line rather than a warning)."""
+
+    groups: list[ChannelGroup]
+    names: list[str]
+    message: str | None
+    expected: bool
+
+
+def select_groups(model: nn.Module, example_input: Any, selected: Iterable[str], owner: str) -> GroupSelection:
+    """The prunable groups among the ``selected`` weights (canonical names) of ``model``, traced on
+    ``example_input`` (``example_input_array``).
+
+    Raises:
+        ValueError: there is no example input, or no selected weight is in a group that can be pruned (the message
+            gives each weight's reason and the fixes).
+    """
+    if example_input is None:
+        raise ValueError(
+            f"{owner}(structure='groups') traces the model to find coupled channels, and needs an input: "
+            "set `example_input_array` on the LightningModule (a tensor, a tuple, or a dict of keyword inputs)."
+        )
+    selected = list(selected)
+    analysis = analyse_groups(model, example_input, selected)
+    members = {name for g in analysis.groups for name in g.slices}
+    left_out = {name: analysis.left_out[name] for name in selected if name in analysis.left_out}  # model order
+    reasons = "\n".join(f"  - {line}" for line in describe_left_out(left_out))
+    if not analysis.groups:
+        raise ValueError(
+            f"{owner}(structure='groups') found no group of coupled channels that can be removed among the "
+            f"{len(selected)} selected weights:\n{reasons}\nUse structure='tensor' to prune each weight's slices "
+            "on its own, or select the layers whose channels can be removed (`parameters=`, `exclude=`)."
+        )
+    message = None
+    if left_out:
+        message = (
+            f"{owner}(structure='groups') leaves {len(left_out)} selected weight(s) dense, out of the target and of "
+            f"pruning/coverage, because their channels cannot be removed together:\n{reasons}"
+        )
+    names = [name for name, _ in model.named_parameters() if name in members]
+    expected = all(why.startswith(OUTPUT) for why in left_out.values())  # an output layer: expected
+    return GroupSelection(analysis.groups, names, message, expected)
+
+
 def channel_groups(model: nn.Module, example_input: Any, roots: set[str] | None = None) -> list[ChannelGroup]:
     """The groups of :func:`analyse_groups` (``roots``: the selected weights)."""
     return analyse_groups(model, example_input, roots).groups

@@ -1,0 +1,58 @@
+"""The pruning callbacks' checkpoint state, as plain data: its version, the settings it remembers, the state that
+lightning_compress 0.1 saved under another key, and what a resumed run must say when its settings changed.
+
+A callback's state holds ``version``, ``last_index``, ``last_target``, ``settings``, the pruner's
+(``masks``, and the score's own state such as ``generator``) and the accuracy guard's (``guard``, ``position``,
+``snapshot``). Knows nothing of tensors' contents or of Lightning.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+#: The version written; version 1 (lightning_compress 0.1, without a guard) is read too.
+VERSION = 2
+
+
+def check_version(owner: str, state: Mapping[str, Any]) -> None:
+    if state.get("version") not in (1, VERSION):
+        raise ValueError(f"{owner} state version {state.get('version')!r} is not {VERSION}")
+
+
+def changed_settings(saved: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:
+    """``"amount: 0.5 -> 0.8, ..."`` for each setting the checkpoint remembers that differs now, or ``None``."""
+    changed = {k: (v, current[k]) for k, v in saved.items() if current.get(k) != v}
+    if not changed:
+        return None
+    return ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+
+
+def legacy_state(
+    callback_states: Mapping[str, Any],
+    prefix: str,
+    parameters: Sequence[str] | None,
+    exclude: Sequence[str],
+    modules: Sequence[type] | None,
+) -> dict[str, Any] | None:
+    """The state lightning_compress 0.1 saved for the same parameters, under its key that also named the amount and
+    method (``MagnitudePruning{'amount': ..., 'method': ..., 'parameters': ..., 'exclude': ...}``)."""
+    for key, state in callback_states.items():
+        if not key.startswith(prefix + "{") or "'amount'" not in key:
+            continue
+        try:
+            fields = ast.literal_eval(key[len(prefix) :])
+        except (ValueError, SyntaxError):
+            continue
+        if not isinstance(fields, dict) or modules is not None:
+            continue
+        if fields.get("parameters") == parameters and list(fields.get("exclude", [])) == list(exclude):
+            # 0.1 saved no settings: these two are what it said, so a change is warned about as usual
+            return {**state, "settings": {"amount": fields.get("amount"), "method": fields.get("method")}}
+    return None
+
+
+def foreign_keys(callback_states: Mapping[str, Any], prefix: str, ours: set[str]) -> list[str]:
+    """Keys of pruning state saved by a callback of this class that selected other parameters."""
+    return [key for key in callback_states if key.startswith(prefix) and key not in ours]
