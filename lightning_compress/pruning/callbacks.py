@@ -21,8 +21,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_compress import compat, report
-from lightning_compress.pruning import sharding, state
+from lightning_compress import compat
+from lightning_compress.pruning import reporting, sharding, state
 from lightning_compress.pruning.config import (
     GuardConfig,
     MagnitudeConfig,
@@ -32,11 +32,11 @@ from lightning_compress.pruning.config import (
     fields_of,
 )
 from lightning_compress.pruning.groups import select_groups
-from lightning_compress.pruning.guard import HOLD, ROLL_BACK, AccuracyGuard, GuardedSchedule
-from lightning_compress.pruning.history import History
-from lightning_compress.pruning.masks import apply_masks
+from lightning_compress.pruning.guard import HOLD, ROLL_BACK, AccuracyGuard
+from lightning_compress.pruning.progress import Progress
 from lightning_compress.pruning.pruner import Pruner
-from lightning_compress.pruning.schedules import check_values, is_update_index, target_sparsity, update_indices
+from lightning_compress.pruning.reporting import Reporter
+from lightning_compress.pruning.schedules import check_values, update_indices
 from lightning_compress.pruning.scores import (
     GroupScore,
     LnStructuredScore,
@@ -46,7 +46,7 @@ from lightning_compress.pruning.scores import (
     check_slices,
     storage_dims,
 )
-from lightning_compress.pruning.selection import largest_unselected, matrix_numel, parameter_aliases, select_parameters
+from lightning_compress.pruning.selection import parameter_aliases, select_parameters
 
 
 class ScheduledPruning(Callback):
@@ -57,19 +57,9 @@ class ScheduledPruning(Callback):
     and list the settings a checkpoint remembers (``_SETTINGS``). ``scope`` is ``"global"`` or ``"layerwise"``.
     """
 
-    _SETTINGS: tuple[str, ...] = (
-        "amount",
-        "schedule",
-        "start",
-        "end",
-        "interval",
-        "frequency",
-        "scope",
-        "monitor",
-        "mode",
-        "max_drop",
-        "patience",
-    )
+    #: The settings a checkpoint remembers, to say what changed when a run resumes with others.
+    _SETTINGS = ("amount", "schedule", "start", "end", "interval", "frequency", "scope", "monitor", "mode")
+    _SETTINGS += ("max_drop", "patience")
 
     def __init__(
         self, schedule: ScheduleConfig, selection: SelectionConfig, guard: GuardConfig, scope: str, make_permanent: bool
@@ -82,19 +72,14 @@ class ScheduledPruning(Callback):
         self.make_permanent = make_permanent
         self._guard_config = guard
         self._guard = guard.new_guard()  # a fresh one for each fit (on_train_start)
-        self._guarded: GuardedSchedule | None = None  # with the guard: the schedule's targets, raised one by one
+        self._progress: Progress | None = None  # where the fit is in its schedule (from on_train_start on)
         self._names: list[str] = []
         self._aliases: dict[str, list[str]] = {}
-        self._coverage = float("nan")
-        self._unselected: list[tuple[str, int]] = []
         self._pruner: Pruner | None = None
         self._fsdp_modules: list[nn.Module] = []
-        self._last_index: int | None = None
-        self._last_target = 0.0
-        self._resolved_end: int | None = None
         self._pending_state: dict[str, Any] | None = None
         self._hook_handles: list[Any] = []
-        self._history = History()
+        self._history = Reporter(self._name, scope)
 
     # ------------------------------------------------------------------ what a subclass says
     def _make_score(self) -> Score:
@@ -167,7 +152,7 @@ class ScheduledPruning(Callback):
     @property
     def schedule_end(self) -> int | None:
         """The epoch (or step) at which the schedule reaches its final target, resolved at ``on_train_start``."""
-        return self._resolved_end
+        return self._progress.end if self._progress is not None else None
 
     @property
     def history(self) -> list[dict[str, float]]:
@@ -182,7 +167,7 @@ class ScheduledPruning(Callback):
     @property
     def coverage(self) -> float:
         """Selected weights / entries of all the model's parameters with two or more dimensions."""
-        return self._coverage
+        return self._history.coverage
 
     @property
     def _name(self) -> str:
@@ -195,18 +180,7 @@ class ScheduledPruning(Callback):
         self._pending_state = None
         if stage != "fit":
             return
-        compat.require_supported_strategy(trainer, self._name)
-        found = [setting for setting, present in self._unsupported_when_sharded(trainer).items() if present]
-        if compat.is_sharded_strategy(trainer) and found:
-            raise ValueError(
-                f"{self._name} under {type(trainer.strategy).__name__} (sharded parameters) does not support "
-                f"{', '.join(found)} yet. Remove them, or train with DDP or a single device."
-            )
-        if self.end is None and trainer.max_epochs in (None, -1) and trainer.max_steps == -1:
-            raise ValueError(
-                "`end=None` means the last epoch/step of training, but training is unbounded "
-                "(max_epochs=-1 and no max_steps). Set `end`, max_epochs or max_steps."
-            )
+        _check_fit(trainer, self)
         self._setup_score(trainer)
         _run_after_weight_averaging(self, trainer)
 
@@ -214,22 +188,9 @@ class ScheduledPruning(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         states = checkpoint.get("callbacks", {})
-        if trainer.state.fn != "fit" or self.state_key in states:
-            return
-        prefix = type(self).__name__  # as the state key starts
-        legacy = state.legacy_state(states, prefix, self.parameters, self.exclude, self.modules)
-        if legacy is not None:
-            self._pending_state = legacy
-            return
-        ours = {c.state_key for c in trainer.callbacks if isinstance(c, type(self))}
-        foreign = state.foreign_keys(states, prefix, ours)
-        if foreign:
-            raise ValueError(
-                f"The checkpoint holds pruning state for {foreign}, but this {self._name} is {self.state_key}: "
-                "it selects other parameters, so the checkpoint's masks cannot be continued and its pruned weights "
-                "would grow back. Resume with the same `parameters`, `exclude` and `modules`, or load the weights "
-                "into the model yourself and start a new fit without `ckpt_path`."
-            )
+        if trainer.state.fn == "fit" and self.state_key not in states:
+            ours = {c.state_key for c in trainer.callbacks if isinstance(c, type(self))}
+            self._pending_state = state.resumed_state(states, self, ours, self._name)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After `configure_model`, so layers built there are selected; still before the first training step.
@@ -240,9 +201,7 @@ class ScheduledPruning(Callback):
         self._names = names
         all_aliases = parameter_aliases(pl_module)
         self._aliases = {name: all_aliases[name] for name in names}
-        matrices = matrix_numel(pl_module)
-        self._coverage = sum(p.numel() for p in counted.values()) / matrices if matrices else float("nan")
-        self._unselected = largest_unselected(pl_module, names)
+        self._history.selected(pl_module, names, counted)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fsdp_modules = sharding.fsdp_modules(pl_module)
@@ -253,65 +212,28 @@ class ScheduledPruning(Callback):
         resumed, self._pending_state = self._pending_state, None
         if resumed is not None:
             self._restore(resumed)
-        else:  # a new fit, not a resumed one: its schedule starts over (masks only grow)
-            self._last_index = None
-            self._last_target = 0.0
-        self._history.new_fit(resumed is not None)
+        self._history.new_fit(resumed is not None)  # a new fit, not a resumed one, starts its schedule over
         self._pruner.start_masks()
         self._pruner.apply()
         self._history.pruned_any = self._pruner.measure().overall > 0
-        self._resolved_end = self._resolve_end(trainer)
-        check_values(self.schedule, self._scheduled_indices(), self.interval)
-        if self._guard is not None:
-            self._prepare_guard(trainer, resumed)
+        self._start_schedule(trainer, resumed)
         self._remove_hooks()
         for optimizer in trainer.optimizers:
             self._hook_handles.extend(self._pruner.attach(optimizer))
 
-    def _prepare_guard(self, trainer: pl.Trainer, resumed: dict[str, Any] | None) -> None:
-        """The schedule's targets in order under a guard: fresh for a new fit, the checkpoint's when resuming. Fail
-        now if no baseline can exist before the first pruning update."""
-        indices = self._scheduled_indices()
-        targets = [target_sparsity(self.schedule, i, self.amount, self.start, self._resolved_end) for i in indices]
+    def _start_schedule(self, trainer: pl.Trainer, resumed: dict[str, Any] | None) -> None:
+        """The schedule's updates, from where a resumed run left off, under a fresh guard (the checkpoint's, when
+        resuming). Fail now if a callable schedule gives a bad target, or no baseline can exist before the first
+        pruning update."""
+        end = _resolve_end(trainer, self)
+        check_values(self.schedule, update_indices(self.start, end, self.frequency), self.interval)
         self._guard = self._guard_config.new_guard()
-        self._guarded = GuardedSchedule(self._guard, targets)
-        self._guarded.target = self._last_target
-        if resumed is not None:
-            saved = dict(resumed)
-            if saved.get("guard") is None:  # saved without a guard: the targets up to the last update are done
-                saved["position"] = sum(1 for i in indices if self._last_index is not None and i <= self._last_index)
-            self._guarded.load_state_dict({**saved, "last_target": self._last_target}, self._names)
-        if self._guard.baseline is not None:
-            return
-        first = next((i for i, t in zip(indices, targets) if t > 0), None)
-        if not compat.has_val_data(trainer) or first == 0:
-            why = (
-                "there is no validation data"
-                if not compat.has_val_data(trainer)
-                else (f"the first pruning update is at {self.interval} 0, before any validation")
-            )
-            raise ValueError(
-                f"{self._name}(max_drop={self.max_drop}) needs a dense baseline of {self.monitor!r}, but {why}. "
-                "Start pruning later (`start=1`: epoch 0 trains and validates the dense model), or pass `baseline=`."
-            )
-
-    def _resolve_end(self, trainer: pl.Trainer) -> int:
-        last = _last_index_of_training(trainer, self.interval)
-        end = self.end if self.end is not None else last
-        if end is None:
-            raise ValueError(
-                f"`end=None` with interval={self.interval!r} needs a known length of training, but the number of "
-                "optimizer steps is unbounded or unknown (max_time only, or a dataloader without length). Set `end`."
-            )
-        if last is not None and end > last:
-            rank_zero_warn(
-                f"{self._name}: the schedule ends at {self.interval} {end} but training ends at {self.interval} "
-                f"{last}: the final sparsity {self.amount} will not be reached."
-            )
-        return end
-
-    def _scheduled_indices(self) -> list[int]:
-        return update_indices(self.start, self._resolved_end, self.frequency)
+        where = (resumed["last_index"], resumed["last_target"]) if resumed is not None else (None, 0.0)
+        self._progress = Progress(self.schedule, self.amount, self.start, end, self.frequency, self._guard, *where)
+        if self._guard is not None and resumed is not None:
+            self._progress.resume_guard(resumed, self._names)
+        if self._guard is not None and self._guard.baseline is None:
+            _check_baseline_possible(trainer, self)
 
     # ------------------------------------------------------------------ training
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -326,40 +248,17 @@ class ScheduledPruning(Callback):
             self._maybe_update(trainer, trainer.fit_loop.epoch_loop.total_batch_idx if manual else trainer.global_step)
 
     def _maybe_update(self, trainer: pl.Trainer, index: int) -> None:
-        if self._guard is not None:
-            self._maybe_guarded_update(trainer, index)
-            return
-        if index == self._last_index or not is_update_index(index, self.start, self._resolved_end, self.frequency):
-            return
-        target = target_sparsity(self.schedule, index, self.amount, self.start, self._resolved_end)
-        self._update_masks(target)
-        self._last_index = index
-        self._last_target = target
-        self._report(trainer, f"{self.interval} {index}", index)
-
-    def _maybe_guarded_update(self, trainer: pl.Trainer, index: int) -> None:
-        """The next target of the schedule, raised only while the guard allows; held ones are retried at the next
-        scheduled index, after ``end`` too (every ``frequency``), until the schedule is done or rolled back."""
-        scheduled = is_update_index(index, self.start, self._resolved_end, self.frequency) or (
-            index > self._resolved_end and (index - self.start) % self.frequency == 0
-        )
-        if index == self._last_index or not scheduled:
-            return
-        self._last_index = index
-        retried = self._guarded.next_target
-        decision = self._guarded.update(self._pruner.weights(), self._pruner.mask_tensors, self._update_masks)
-        self._last_target = self._guarded.target
+        decision = self._progress.step(index, self._pruner, self._update_masks)
         if decision is None:
             return
+        when = f"{self.interval} {index}"
         if decision == HOLD:
-            why = _held_because(self._guard, self.monitor, self.max_drop)
-            rank_zero_info(
-                f"{self._name} [{self.interval} {index}]: {why}: holding at {self._last_target:.2%}, retrying "
-                f"{retried:.2%} at the next update"
-            )
+            guarded = self._progress.guarded
+            held = (self._guard, self.monitor, self.max_drop, guarded.target, guarded.next_target)
+            rank_zero_info(reporting.held_line(self._name, when, *held))
         elif decision == ROLL_BACK:
             self._warn_rolled_back()
-        self._report(trainer, f"{self.interval} {index}", index)
+        self._report(trainer, when, index)
 
     def _update_masks(self, target: float) -> None:
         """Grow the masks to ``target`` sparsity with the score and scope, and apply them."""
@@ -368,47 +267,17 @@ class ScheduledPruning(Callback):
         sharding.reshard(self._fsdp_modules)
 
     def _warn_rolled_back(self) -> None:
-        restored = (
-            f"rolled back to the weights and masks of the last update within budget ({self._last_target:.2%} sparsity)"
-            if self._guarded.snapshot is not None
-            else "no update had raised the sparsity in this fit, so the weights stay as they are"
-        )
-        rank_zero_warn(
-            f"{self._name}: {self.monitor} stayed outside the budget for {self.patience} validation(s) "
-            f"(last {self._guard.latest:.4f}, baseline {self._guard.baseline:.4f}, max_drop {self.max_drop:g}): "
-            f"{restored}, and sparsity is raised no more in this fit."
-        )
+        restored = self._progress.guarded.snapshot is not None
+        settings = (self.monitor, self.max_drop, self.patience, self._progress.target, restored)
+        rank_zero_warn(reporting.rolled_back_warning(self._name, self._guard, *settings))
 
     # ------------------------------------------------------------------ what is logged
     def measured_sparsity(self) -> dict[str, float]:
         """``pruning/sparsity`` and ``pruning/sparsity/<name>``: measured fractions of exact zeros."""
-        measured = self._pruner.measure()
-        return {
-            report.SPARSITY: measured.overall,
-            **{report.SPARSITY_PREFIX + n: v for n, v in measured.by_name.items()},
-        }
+        return reporting.sparsity_metrics(self._pruner.measure())
 
     def _report(self, trainer: pl.Trainer, when: str, index: int | None) -> None:
-        if index is not None and not self._history.entries:  # once, at the first update of the callback's life
-            rank_zero_info(_selection_line(self._name, self._pruner, self._coverage, self._unselected))
-        metrics = self.measured_sparsity()
-        self._history.pruned_any = metrics[report.SPARSITY] > 0
-        if index is not None and self.scope == "global":
-            by_name = {n: metrics[report.SPARSITY_PREFIX + n] for n in self._names}
-            warning = self._history.collapse_warning(self._name, by_name, self._last_target)
-            if warning:
-                rank_zero_warn(warning)
-        metrics[report.TARGET] = self._last_target
-        metrics[report.COVERAGE] = self._coverage
-        if self._guard is not None:
-            metrics[report.GUARD_HELD] = float(self._guard.held)
-            metrics[report.GUARD_ROLLED_BACK] = float(self._guard.rolled_back)
-        report.log_to_loggers(trainer, metrics)
-        self._history.record(trainer, index, self._last_target, metrics[report.SPARSITY])
-        rank_zero_info(
-            f"{self._name} [{when}]: target sparsity {self._last_target:.2%}, measured "
-            f"{metrics[report.SPARSITY]:.2%} of {self._pruner.total:,} weights in {len(self._names)} tensors"
-        )
+        self._history.update(trainer, when, index, self._pruner, self._progress.target, self._guard)
 
     # ------------------------------------------------------------------ validation: what the plot shows
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -420,14 +289,8 @@ class ScheduledPruning(Callback):
             )
         if trainer.sanity_checking or self._pruner is None or not self._pruner.has_masks:
             return
-        key = self.monitor or self._history.monitor_key or report.monitored_metric_name(trainer)
-        value = trainer.callback_metrics.get(key) if key else None
-        if value is None:
-            return
-        # every rank decides alike: rank zero's value, whether or not the metric was logged with sync_dist
-        value = float(trainer.strategy.broadcast(float(value), src=0))
-        self._history.observe(trainer.current_epoch, key, value)
-        if self._guard is not None:
+        value = self._history.validation(trainer, self.monitor)
+        if value is not None and self._guard is not None:
             self._guard.observe(value)
 
     # ------------------------------------------------------------------ end of training
@@ -435,59 +298,29 @@ class ScheduledPruning(Callback):
         self._remove_hooks()
         if self._pruner is None or not self._pruner.has_masks:
             return
-        if self._guarded is not None and self._guarded.end(self._pruner.weights(), self._pruner.mask_tensors):
-            self._last_target = self._guarded.target  # the last validation broke the budget: end within it
-            self._warn_rolled_back()
+        if self._progress.end_of_training(self._pruner.weights(), self._pruner.mask_tensors):
+            self._warn_rolled_back()  # the last validation broke the budget: end within it
         self._pruner.apply()  # after SWA/EMA wrote their averages (see setup)
         sharding.reshard(self._fsdp_modules)
         self._report(trainer, "end of training", None)
-        for line in self.summary_lines():
-            rank_zero_info(f"{self._name}: {line}")
-        self._warn_if_schedule_unfinished(trainer)
-        self._history.last_epoch = self._history.entries[-1]["epoch"]
-        self._write_plot(trainer)
+        self._history.end(trainer, self._progress, self._guard, self.monitor, self.interval)
+        self._history.write_plot(trainer, self._guard, self.max_drop, mode=self.mode)
         if self.make_permanent:
             self._pruner.squash_mask()
-            self._last_index = None
-
-    def _write_plot(self, trainer: pl.Trainer, quantized: float | None = None) -> None:
-        guarded = self._guard is not None and self._guard.baseline is not None
-        baseline = self._guard.baseline if guarded else self._history.dense_value
-        max_drop = self.max_drop if guarded else None
-        self._history.write_plot(trainer, baseline, max_drop=max_drop, mode=self.mode, quantized=quantized)
+            self._progress.last_index = None
 
     def redraw_plot(self, trainer: pl.Trainer, quantized: Mapping[str, float]) -> None:
         """Draw ``sparsity.png`` again with the monitored metric measured on the quantized model (the
         :class:`lightning_compress.protocols.QuantizedMetricsPlot` contract: ``DynamicQuantization`` calls it at the
         end of its fit-end work with its ``quantization/<metric>_after`` values, keyed by ``<metric>``)."""
-        if not self._history.entries:
-            return
-        key = self._history.monitor_key
-        self._write_plot(trainer, quantized.get(key) if key else None)
+        if self._history.entries:
+            value = quantized.get(self._history.monitor_key) if self._history.monitor_key else None
+            self._history.write_plot(trainer, self._guard, self.max_drop, mode=self.mode, quantized=value)
 
     def summary_lines(self) -> list[str]:
         """Lines for end-of-fit summaries (``DynamicQuantization``'s table includes them): the accuracy guard's
         baseline, budget, last value, held updates and rollback, when it is on."""
-        if self._guard is None:
-            return []
-        entries = self._history.entries
-        reached = f"; sparsity reached {entries[-1]['sparsity']:.2%}" if entries else ""
-        return [self._guard.describe(self.monitor) + reached]
-
-    def _warn_if_schedule_unfinished(self, trainer: pl.Trainer) -> None:
-        final = target_sparsity(self.schedule, self._resolved_end, self.amount, self.start, self._resolved_end)
-        if self._last_target >= final or (self._guard is not None and self._guard.rolled_back):
-            return  # a rollback was warned about when it happened
-        reached = self._history.entries[-1]["sparsity"]
-        why = report.why_training_stopped(trainer) or "training ended before the schedule did"
-        if self._guard is not None and self._guard.held:
-            why += f" (the accuracy guard held {self._guard.held} update(s))"
-        rank_zero_warn(
-            f"{self._name} reached {reached:.2%} sparsity, not the final target {final:.2%}: {why}. The "
-            f"schedule ends at {self.interval} {self._resolved_end}; set `end` to a {self.interval} that training "
-            "reaches (e.g. well before EarlyStopping can stop it, or raise EarlyStopping's patience), so the "
-            "model ends at the sparsity you asked for."
-        )
+        return self._history.summary_lines(self._guard, self.monitor)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._remove_hooks()
@@ -503,36 +336,14 @@ class ScheduledPruning(Callback):
     ) -> None:
         # SWA/EMA-style callbacks (run before this one, see setup) replace the checkpoint's weights with their
         # averages: keep the pruned entries of those at 0 too, under every name of each parameter.
-        averaging = compat.weight_averaging_callbacks()
-        if self._pruner is None or not self._pruner.has_masks:
-            return
-        if not any(isinstance(c, averaging) for c in trainer.callbacks):
-            return
-        weights = checkpoint.get("state_dict", {})
-        for name, mask in zip(self._names, self._pruner.mask_tensors):
-            for alias in self._aliases.get(name, [name]):
-                if alias in weights:
-                    value = weights[alias].clone()
-                    apply_masks([value], [mask.to(value.device)])
-                    weights[alias] = value
+        averaging = any(isinstance(c, compat.weight_averaging_callbacks()) for c in trainer.callbacks)
+        if averaging and self._pruner is not None and self._pruner.has_masks:
+            self._pruner.apply_to(checkpoint.get("state_dict", {}), self._aliases)
 
     def state_dict(self) -> dict[str, Any]:
-        saved: dict[str, Any] = {
-            "version": state.VERSION,
-            "last_index": self._last_index,
-            "last_target": self._last_target,
-            "generator": None,
-            "masks": None,
-            "settings": self._settings(),
-            "guard": None,
-            "position": 0,
-            "snapshot": None,
-        }
-        if self._guarded is not None:
-            saved.update(self._guarded.state_dict(self._names), last_target=self._last_target)
-        if self._pruner is not None:
-            saved.update(self._pruner.state_dict())  # the masks (gathered when sharded), and the score's state
-        return saved
+        progress = self._progress.state_dict(self._names) if self._progress is not None else None
+        # the pruner's: its masks (gathered when sharded: a collective), and its score's state
+        return state.callback_state(self._settings(), progress, self._pruner.state_dict() if self._pruner else None)
 
     def _settings(self) -> dict[str, Any]:
         settings = {k: getattr(self, k) for k in self._SETTINGS}
@@ -544,17 +355,12 @@ class ScheduledPruning(Callback):
         self._pending_state = state_dict
 
     def _restore(self, saved: dict[str, Any]) -> None:
+        """The checkpoint's masks and score state into the pruner; where its schedule stood is taken by
+        :meth:`_start_schedule`."""
         state.check_version(self._name, saved)
         changed = state.changed_settings(saved.get("settings") or {}, self._settings())
         if changed:
-            rank_zero_warn(
-                f"{self._name} resumes from a checkpoint saved with other settings ({changed}). It continues "
-                "from the checkpoint's masks: weights pruned so far stay pruned, and the schedule continues with the "
-                "new settings (a target below the reached sparsity changes nothing)."
-            )
-        self._last_index = saved["last_index"]
-        self._last_target = saved["last_target"]
-        # the guard's state (its position in the schedule, its snapshot) is restored by _prepare_guard
+            rank_zero_warn(state.resumed_with_other_settings(self._name, changed))
         self._pruner.load_state_dict(saved)
 
 
@@ -641,23 +447,8 @@ class MagnitudePruning(ScheduledPruning):
     sparsity are those of the full tensors (see :mod:`lightning_compress.pruning.sharding`).
     """
 
-    _SETTINGS = (
-        "amount",
-        "schedule",
-        "start",
-        "end",
-        "interval",
-        "frequency",
-        "method",
-        "scope",
-        "norm",
-        "dim",
-        "monitor",
-        "mode",
-        "max_drop",
-        "patience",
-        "structure",
-    )
+    _SETTINGS = ("amount", "schedule", "start", "end", "interval", "frequency", "method", "scope", "norm", "dim")
+    _SETTINGS += ("monitor", "mode", "max_drop", "patience", "structure")
 
     def __init__(
         self,
@@ -742,6 +533,35 @@ class MagnitudePruning(ScheduledPruning):
         return MagnitudeScore()
 
 
+def _check_fit(trainer: pl.Trainer, callback: ScheduledPruning) -> None:
+    """Refuse, before training, a strategy or setting this fit cannot honour."""
+    compat.require_supported_strategy(trainer, callback._name)
+    found = [setting for setting, present in callback._unsupported_when_sharded(trainer).items() if present]
+    if compat.is_sharded_strategy(trainer) and found:
+        raise ValueError(
+            f"{callback._name} under {type(trainer.strategy).__name__} (sharded parameters) does not support "
+            f"{', '.join(found)} yet. Remove them, or train with DDP or a single device."
+        )
+    if callback.end is None and trainer.max_epochs in (None, -1) and trainer.max_steps == -1:
+        raise ValueError(
+            "`end=None` means the last epoch/step of training, but training is unbounded "
+            "(max_epochs=-1 and no max_steps). Set `end`, max_epochs or max_steps."
+        )
+
+
+def _check_baseline_possible(trainer: pl.Trainer, callback: ScheduledPruning) -> None:
+    """The accuracy guard needs a dense baseline before its first pruning update: refuse now when none can exist."""
+    without = "there is no validation data" if not compat.has_val_data(trainer) else None
+    if without is None and callback._progress.first_raise() == 0:
+        without = f"the first pruning update is at {callback.interval} 0, before any validation"
+    if without:
+        raise ValueError(
+            f"{callback._name}(max_drop={callback.max_drop}) needs a dense baseline of {callback.monitor!r}, but "
+            f"{without}. Start pruning later (`start=1`: epoch 0 trains and validates the dense model), or "
+            "pass `baseline=`."
+        )
+
+
 def _run_after_weight_averaging(callback: Callback, trainer: pl.Trainer) -> None:
     """Move ``callback`` after SWA/EMA-style callbacks, so that its train-end masking sees their final weights.
 
@@ -757,6 +577,24 @@ def _run_after_weight_averaging(callback: Callback, trainer: pl.Trainer) -> None
         trainer.callbacks = callbacks
 
 
+def _resolve_end(trainer: pl.Trainer, callback: ScheduledPruning) -> int:
+    """The callback's ``end``, or the last epoch (or step) of training for ``end=None``; a warning when training
+    ends before it."""
+    last = _last_index_of_training(trainer, callback.interval)
+    end = callback.end if callback.end is not None else last
+    if end is None:
+        raise ValueError(
+            f"`end=None` with interval={callback.interval!r} needs a known length of training, but the number of "
+            "optimizer steps is unbounded or unknown (max_time only, or a dataloader without length). Set `end`."
+        )
+    if last is not None and end > last:
+        rank_zero_warn(
+            f"{callback._name}: the schedule ends at {callback.interval} {end} but training ends at "
+            f"{callback.interval} {last}: the final sparsity {callback.amount} will not be reached."
+        )
+    return end
+
+
 def _last_index_of_training(trainer: pl.Trainer, interval: str) -> int | None:
     """The last epoch (or optimizer step) training will run, when it is known."""
     # Under manual optimization a "step" is a training batch, and `estimated_stepping_batches` counts batches.
@@ -770,17 +608,3 @@ def _last_index_of_training(trainer: pl.Trainer, interval: str) -> int | None:
         by_steps = math.ceil(trainer.max_steps / steps_per_epoch) - 1
         last = by_steps if last is None else min(last, by_steps)
     return last
-
-
-def _held_because(guard: AccuracyGuard, monitor: str | None, max_drop: float | None) -> str:
-    if guard.baseline is None:
-        return f"no validation has measured the dense model's {monitor} yet (the baseline)"
-    return f"{monitor}={guard.latest:.4f} is outside the budget (baseline {guard.baseline:.4f}, max_drop {max_drop:g})"
-
-
-def _selection_line(owner: str, pruner: Pruner, coverage: float, unselected: list[tuple[str, int]]) -> str:
-    listed = ", ".join(f"{name} ({numel:,})" for name, numel in unselected) or "none"
-    return (
-        f"{owner} prunes {pruner.total:,} weights in {len(pruner.names)} tensors: {coverage:.1%} of the entries of "
-        f"the model's weight matrices (parameters with 2+ dimensions). Largest not pruned: {listed}"
-    )

@@ -159,6 +159,17 @@ class Pruner:
         if self._masks is not None:
             apply_masks(self.weights(), self._masks)
 
+    def apply_to(self, tensors: dict[str, Tensor], aliases: Mapping[str, Sequence[str]] | None = None) -> None:
+        """Zero the pruned entries of the copies of the parameters in ``tensors`` (a state dict: a checkpoint's,
+        whose weights SWA or EMA replaced with averages), found under every name ``aliases`` gives a parameter
+        (default: its own). Each copy is replaced by a masked clone; the parameters are not touched."""
+        for name, mask in zip(self.names, self.mask_tensors):
+            for alias in (aliases or {}).get(name, [name]):
+                if alias in tensors:
+                    value = tensors[alias].clone()
+                    apply_masks([value], [mask.to(value.device)])
+                    tensors[alias] = value
+
     def attach(self, optimizer: torch.optim.Optimizer) -> list[RemovableHandle]:
         """Keep pruned weights at 0 after every step of ``optimizer`` (a step post-hook that applies the masks),
         and call the score's :meth:`~lightning_compress.pruning.scores.Score.before_step` before each step when it

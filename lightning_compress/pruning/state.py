@@ -29,6 +29,14 @@ def changed_settings(saved: Mapping[str, Any], current: Mapping[str, Any]) -> st
     return ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
 
 
+def resumed_with_other_settings(owner: str, changed: str) -> str:
+    return (
+        f"{owner} resumes from a checkpoint saved with other settings ({changed}). It continues from the "
+        "checkpoint's masks: weights pruned so far stay pruned, and the schedule continues with the new settings (a "
+        "target below the reached sparsity changes nothing)."
+    )
+
+
 def legacy_state(
     callback_states: Mapping[str, Any],
     prefix: str,
@@ -53,6 +61,45 @@ def legacy_state(
     return None
 
 
-def foreign_keys(callback_states: Mapping[str, Any], prefix: str, ours: set[str]) -> list[str]:
-    """Keys of pruning state saved by a callback of this class that selected other parameters."""
-    return [key for key in callback_states if key.startswith(prefix) and key not in ours]
+def resumed_state(
+    callback_states: Mapping[str, Any], callback: Any, ours: set[str], owner: str
+) -> dict[str, Any] | None:
+    """The state a pruning ``callback`` resumes from when the checkpoint holds none under its own key: the state
+    0.1 saved for the same parameters, else ``None``.
+
+    Raises:
+        ValueError: the checkpoint holds state of a callback of the same class that selected other parameters
+            (``ours``: the state keys of this trainer's callbacks of that class); its masks cannot be continued.
+    """
+    prefix = type(callback).__name__  # as the state keys start
+    legacy = legacy_state(callback_states, prefix, callback.parameters, callback.exclude, callback.modules)
+    if legacy is not None:
+        return legacy
+    foreign = [key for key in callback_states if key.startswith(prefix) and key not in ours]
+    if foreign:
+        raise ValueError(
+            f"The checkpoint holds pruning state for {foreign}, but this {owner} is {callback.state_key}: it selects "
+            "other parameters, so the checkpoint's masks cannot be continued and its pruned weights would grow back. "
+            "Resume with the same `parameters`, `exclude` and `modules`, or load the weights into the model yourself "
+            "and start a new fit without `ckpt_path`."
+        )
+    return None
+
+
+def callback_state(settings: Mapping[str, Any], *parts: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A pruning callback's state: every key present (for the readers of older versions), filled from ``parts``
+    (the schedule's progress, the pruner's masks and score) in that order; missing parts leave the defaults."""
+    saved: dict[str, Any] = {
+        "version": VERSION,
+        "last_index": None,
+        "last_target": 0.0,
+        "generator": None,
+        "masks": None,
+        "settings": dict(settings),
+        "guard": None,
+        "position": 0,
+        "snapshot": None,
+    }
+    for part in parts:
+        saved.update(part or {})
+    return saved
