@@ -116,6 +116,21 @@ def summary_table(
         row("latency (ms/batch)", results[LATENCY_BEFORE], results[LATENCY_AFTER], "{:.3f}", ratio=True, extra=spread)
         if comparison is not None and comparison.timed_inputs:
             lines.append(f"  latency: timed on {_timed_inputs(comparison.timed_inputs, comparison.timed_on)}")
+    lines += _footer_lines(results, comparison, baseline_accuracy, kernel_choices, notes, stage_seconds, save_path)
+    return "\n".join(lines)
+
+
+def _footer_lines(
+    results: Mapping[str, float],
+    comparison: Any,
+    baseline_accuracy: float | None,
+    kernel_choices: Mapping[str, Any] | None,
+    notes: Sequence[str],
+    stage_seconds: Mapping[str, float] | None,
+    save_path: str | None,
+) -> list[str]:
+    """The summary's lines under the figures: coverage, what the figures mean, warnings, kernels, time, artifact."""
+    lines: list[str] = []
     if QUANTIZATION_COVERAGE in results:
         lines.append(
             f"  coverage: {results[QUANTIZATION_COVERAGE]:.1%} of the model's parameters are in quantized layers"
@@ -146,7 +161,7 @@ def summary_table(
         lines.append("  time: " + ", ".join(f"{stage} {seconds:.2f} s" for stage, seconds in stage_seconds.items()))
     if save_path:
         lines.append(f"  artifact: {save_path}")
-    return "\n".join(lines)
+    return lines
 
 
 def _layer_rows(layers: Sequence[Any], layer_sparsity: Mapping[str, Any]) -> tuple[list[tuple[str, str]], list[str]]:
@@ -333,29 +348,8 @@ def sparsity_figure(
     handles, labels = sparsity_axis.get_legend_handles_labels()
     if metric_name and (metric or baseline is not None or quantized is not None):
         metric_axis = sparsity_axis.twinx()
-        if metric:
-            metric_axis.plot(xs(metric), [p[1] for p in metric], "-s", color="tab:green", label=metric_name)
-        if baseline is not None:
-            metric_axis.axhline(baseline, color="tab:green", linestyle=":", label=f"{metric_name}, dense baseline")
-            if max_drop is not None:
-                low, high = (baseline - max_drop, baseline) if mode == "max" else (baseline, baseline + max_drop)
-                metric_axis.axhspan(
-                    low, high, color="tab:green", alpha=0.12, label=f"accuracy guard budget (max_drop={max_drop:g})"
-                )
-        if quantized is not None:
-            at = last_epoch if last_epoch is not None else max((p[0] for p in [*metric, *measured]), default=0)
-            metric_axis.plot(
-                [at],
-                [quantized],
-                linestyle="none",
-                marker="*",
-                markersize=14,
-                color="tab:red",
-                label=f"{metric_name}, quantized",
-                clip_on=False,
-                zorder=4,
-            )
-        metric_axis.set_ylabel(metric_name)
+        at = last_epoch if last_epoch is not None else max((p[0] for p in [*metric, *measured]), default=0)
+        _draw_metric(metric_axis, xs(metric), metric, metric_name, baseline, max_drop, mode, quantized, at)
         more_handles, more_labels = metric_axis.get_legend_handles_labels()
         handles, labels = handles + more_handles, labels + more_labels
     if last_epoch is not None:
@@ -365,6 +359,43 @@ def sparsity_figure(
     sparsity_axis.set_title("Pruning schedule and recovery")
     figure.tight_layout()
     return figure
+
+
+def _draw_metric(
+    metric_axis: Any,
+    x: Sequence[float],
+    metric: Sequence[tuple[float, float]],
+    metric_name: str,
+    baseline: float | None,
+    max_drop: float | None,
+    mode: str,
+    quantized: float | None,
+    at: float,
+) -> None:
+    """The validation metric's side of the sparsity figure: its values at ``x``, the dense baseline with the
+    guard's budget, and the quantized model's value (a star at ``at``)."""
+    if metric:
+        metric_axis.plot(x, [p[1] for p in metric], "-s", color="tab:green", label=metric_name)
+    if baseline is not None:
+        metric_axis.axhline(baseline, color="tab:green", linestyle=":", label=f"{metric_name}, dense baseline")
+        if max_drop is not None:
+            low, high = (baseline - max_drop, baseline) if mode == "max" else (baseline, baseline + max_drop)
+            metric_axis.axhspan(
+                low, high, color="tab:green", alpha=0.12, label=f"accuracy guard budget (max_drop={max_drop:g})"
+            )
+    if quantized is not None:
+        metric_axis.plot(
+            [at],
+            [quantized],
+            linestyle="none",
+            marker="*",
+            markersize=14,
+            color="tab:red",
+            label=f"{metric_name}, quantized",
+            clip_on=False,
+            zorder=4,
+        )
+    metric_axis.set_ylabel(metric_name)
 
 
 def write_figure(trainer: pl.Trainer, figure: Any, name: str = "sparsity.png", tag: str = "pruning/schedule") -> Path:

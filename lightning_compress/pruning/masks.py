@@ -204,16 +204,43 @@ def prune_smallest(
     prefix, shift, below, count = _narrow_prefix(
         lambda: (key for key, *_ in chunks(True)), new, 63 if wide else 31, already, collective, limit
     )
-    # Candidates go into buffers sized up front: appending many small tensors between the chunks' large
-    # temporaries fragments the heap (measured: +250 MB resident on 50M weights). Positions are flat indices in
-    # the concatenation of the full tensors, in selection order.
+    bases = _bases(parts)
+    cand_keys, cand_position = _bucket_candidates(chunks(False), parts, bases, prefix, shift, count, wide)
+    cand_keys, cand_position = collective.cat(cand_keys), collective.cat(cand_position)
+    if collective is not LOCAL:  # one process gathers its candidates in position order; several interleave
+        order = torch.argsort(cand_position)
+        cand_keys, cand_position = cand_keys[order], cand_position[order]
+    # Candidates are in position order, so a stable sort by key breaks ties by lowest position.
+    chosen = torch.sort(cand_position[torch.sort(cand_keys, stable=True).indices[: new - below]]).values
+    _prune_positions(masks, parts, bases, chosen)
+
+
+def _bases(parts: Sequence[Part]) -> list[int]:
+    """Where each tensor starts in the concatenation of the full tensors, in selection order."""
     bases = [0]
     for part in parts:
         bases.append(bases[-1] + part.total)
+    return bases
+
+
+def _bucket_candidates(
+    chunks: Iterator[tuple[Tensor, Tensor, int, int]],
+    parts: Sequence[Part],
+    bases: Sequence[int],
+    prefix: int,
+    shift: int,
+    count: int,
+    wide: bool,
+) -> tuple[Tensor, Tensor]:
+    """One pass over the chunks: prune every unpruned entry whose key is below the threshold's bucket, and return
+    the keys and flat positions of the bucket's unpruned entries (the candidates), in position order."""
+    # Candidates go into buffers sized up front: appending many small tensors between the chunks' large
+    # temporaries fragments the heap (measured: +250 MB resident on 50M weights). Positions are flat indices in
+    # the concatenation of the full tensors, in selection order.
     cand_keys = torch.empty(count, dtype=torch.int64 if wide else torch.int32)
     cand_position = torch.empty(count, dtype=torch.int64)
     filled = 0
-    for key, flat_mask, i, start in chunks(False):
+    for key, flat_mask, i, start in chunks:
         high = key >> shift if shift else key
         # Multiplying by the uint8 view of the comparison beat masked_fill_ several times over (DESIGN.md).
         flat_mask.mul_((high >= prefix).view(torch.uint8).to(flat_mask.dtype))  # -1 * 1 keeps all bits
@@ -228,12 +255,11 @@ def prune_smallest(
             cand_keys[filled : filled + n] = key[index].cpu()
             cand_position[filled : filled + n] = index.cpu() + (bases[i] + parts[i].offset + start)
             filled += n
-    cand_keys, cand_position = collective.cat(cand_keys[:filled]), collective.cat(cand_position[:filled])
-    if collective is not LOCAL:  # one process gathers its candidates in position order; several interleave
-        order = torch.argsort(cand_position)
-        cand_keys, cand_position = cand_keys[order], cand_position[order]
-    # Candidates are in position order, so a stable sort by key breaks ties by lowest position.
-    chosen = torch.sort(cand_position[torch.sort(cand_keys, stable=True).indices[: new - below]]).values
+    return cand_keys[:filled], cand_position[:filled]
+
+
+def _prune_positions(masks: Sequence[Tensor], parts: Sequence[Part], bases: Sequence[int], chosen: Tensor) -> None:
+    """Prune the entries at ``chosen`` (sorted flat positions in the concatenated full tensors) this process holds."""
     for i, mask in enumerate(masks):
         low = bases[i] + parts[i].offset
         bounds = torch.searchsorted(chosen, torch.tensor([low, low + mask.numel()]))
