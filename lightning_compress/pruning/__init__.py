@@ -10,8 +10,9 @@
   channels; :mod:`~lightning_compress.pruning.sharding`: FSDP2 shards;
 * :mod:`~lightning_compress.pruning.schedules`, :mod:`~lightning_compress.pruning.guard`: when and how much, and the
   accuracy budget; :mod:`~lightning_compress.pruning.config`: the callbacks' arguments, checked;
-* :mod:`~lightning_compress.pruning.history`, :mod:`~lightning_compress.pruning.state`: what a run shows, and what
-  its checkpoints hold.
+* :mod:`~lightning_compress.pruning.progress`: where a fit is in its schedule;
+  :mod:`~lightning_compress.pruning.reporting`, :mod:`~lightning_compress.pruning.state`: what a run logs, prints
+  and draws, and what its checkpoints hold.
 
 Names are imported on first use, so ``Pruner`` and the plain modules need no Lightning.
 """

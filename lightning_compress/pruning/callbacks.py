@@ -79,7 +79,7 @@ class ScheduledPruning(Callback):
         self._fsdp_modules: list[nn.Module] = []
         self._pending_state: dict[str, Any] | None = None
         self._hook_handles: list[Any] = []
-        self._history = Reporter(self._name, scope)
+        self._reporter = Reporter(self._name, scope)
 
     # ------------------------------------------------------------------ what a subclass says
     def _make_score(self) -> Score:
@@ -157,7 +157,7 @@ class ScheduledPruning(Callback):
     @property
     def history(self) -> list[dict[str, float]]:
         """One entry per mask update and at the end of training: epoch, step, index, target, measured sparsity."""
-        return list(self._history.entries)
+        return list(self._reporter.entries)
 
     @property
     def guard(self) -> AccuracyGuard | None:
@@ -167,7 +167,7 @@ class ScheduledPruning(Callback):
     @property
     def coverage(self) -> float:
         """Selected weights / entries of all the model's parameters with two or more dimensions."""
-        return self._history.coverage
+        return self._reporter.coverage
 
     @property
     def _name(self) -> str:
@@ -201,7 +201,7 @@ class ScheduledPruning(Callback):
         self._names = names
         all_aliases = parameter_aliases(pl_module)
         self._aliases = {name: all_aliases[name] for name in names}
-        self._history.selected(pl_module, names, counted)
+        self._reporter.selected(pl_module, names, counted)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._fsdp_modules = sharding.fsdp_modules(pl_module)
@@ -212,10 +212,10 @@ class ScheduledPruning(Callback):
         resumed, self._pending_state = self._pending_state, None
         if resumed is not None:
             self._restore(resumed)
-        self._history.new_fit(resumed is not None)  # a new fit, not a resumed one, starts its schedule over
+        self._reporter.new_fit(resumed is not None)  # a new fit, not a resumed one, starts its schedule over
         self._pruner.start_masks()
         self._pruner.apply()
-        self._history.pruned_any = self._pruner.measure().overall > 0
+        self._reporter.pruned_any = self._pruner.measure().overall > 0
         self._start_schedule(trainer, resumed)
         self._remove_hooks()
         for optimizer in trainer.optimizers:
@@ -277,7 +277,7 @@ class ScheduledPruning(Callback):
         return reporting.sparsity_metrics(self._pruner.measure())
 
     def _report(self, trainer: pl.Trainer, when: str, index: int | None) -> None:
-        self._history.update(trainer, when, index, self._pruner, self._progress.target, self._guard)
+        self._reporter.update(trainer, when, index, self._pruner, self._progress.target, self._guard)
 
     # ------------------------------------------------------------------ validation: what the plot shows
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -289,7 +289,7 @@ class ScheduledPruning(Callback):
             )
         if trainer.sanity_checking or self._pruner is None or not self._pruner.has_masks:
             return
-        value = self._history.validation(trainer, self.monitor)
+        value = self._reporter.validation(trainer, self.monitor)
         if value is not None and self._guard is not None:
             self._guard.observe(value)
 
@@ -303,8 +303,8 @@ class ScheduledPruning(Callback):
         self._pruner.apply()  # after SWA/EMA wrote their averages (see setup)
         sharding.reshard(self._fsdp_modules)
         self._report(trainer, "end of training", None)
-        self._history.end(trainer, self._progress, self._guard, self.monitor, self.interval)
-        self._history.write_plot(trainer, self._guard, self.max_drop, mode=self.mode)
+        self._reporter.end(trainer, self._progress, self._guard, self.monitor, self.interval)
+        self._reporter.write_plot(trainer, self._guard, self.max_drop, mode=self.mode)
         if self.make_permanent:
             self._pruner.squash_mask()
             self._progress.last_index = None
@@ -313,14 +313,14 @@ class ScheduledPruning(Callback):
         """Draw ``sparsity.png`` again with the monitored metric measured on the quantized model (the
         :class:`lightning_compress.protocols.QuantizedMetricsPlot` contract: ``DynamicQuantization`` calls it at the
         end of its fit-end work with its ``quantization/<metric>_after`` values, keyed by ``<metric>``)."""
-        if self._history.entries:
-            value = quantized.get(self._history.monitor_key) if self._history.monitor_key else None
-            self._history.write_plot(trainer, self._guard, self.max_drop, mode=self.mode, quantized=value)
+        if self._reporter.entries:
+            value = quantized.get(self._reporter.monitor_key) if self._reporter.monitor_key else None
+            self._reporter.write_plot(trainer, self._guard, self.max_drop, mode=self.mode, quantized=value)
 
     def summary_lines(self) -> list[str]:
         """Lines for end-of-fit summaries (``DynamicQuantization``'s table includes them): the accuracy guard's
         baseline, budget, last value, held updates and rollback, when it is on."""
-        return self._history.summary_lines(self._guard, self.monitor)
+        return self._reporter.summary_lines(self._guard, self.monitor)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._remove_hooks()
