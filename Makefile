@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 
 test: $(VENV)/.installed
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --durations=15
 
 demo: $(VENV)/.installed
 	$(PY) examples/digits_mlp.py
