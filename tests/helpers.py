@@ -108,6 +108,11 @@ class DigitsLSTM(_Classifier):
 
 
 # ---------------------------------------------------------------------------------------------- other models
+def half_sparsity(index: int) -> float:
+    """A schedule as a plain function (for LightningCLI configs that name it by its import path)."""
+    return 0.5 if index > 0 else 0.0
+
+
 def end_distributed_process() -> None:
     """End a process of a 2-process test script once its results are written.
 

@@ -453,7 +453,7 @@ class MagnitudePruning(ScheduledPruning):
     def __init__(
         self,
         amount: float = 0.5,
-        schedule: str | Callable[[int], float] = "cubic",
+        schedule: Callable[[int], float] | str = "cubic",
         start: int = 0,
         end: int | None = None,
         interval: Literal["epoch", "step"] = "epoch",

@@ -41,7 +41,7 @@ class ScheduleConfig:
     the end of training), updated every ``frequency`` epochs or steps (``interval``)."""
 
     amount: float = 0.5
-    schedule: str | Callable[[int], float] = "cubic"
+    schedule: Callable[[int], float] | str = "cubic"
     start: int = 0
     end: int | None = None
     interval: str = "epoch"

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_compress.pruning import sharding
-from lightning_compress.pruning.masks import LOCAL, apply_masks, mask_from_bool, new_mask
+from lightning_compress.pruning.masks import LOCAL, MASK_DTYPE, apply_masks, mask_from_bool, new_mask
 from lightning_compress.pruning.scores import MagnitudeScore, Score
 from lightning_compress.pruning.selection import select_parameters
 
@@ -59,11 +59,17 @@ class Pruner:
         score: how weights are ranked; default :class:`~lightning_compress.pruning.scores.MagnitudeScore`.
         scope: ``"global"``: one threshold over all the weights; ``"layerwise"``: the target in each tensor.
             Structured scores prune each tensor (or group) on its own whatever the scope.
-        masks: masks to continue from, in the engine's form (another pruner's :attr:`mask_tensors` for the same
-            parameters); default: none until the first :meth:`update`.
+        masks: masks to continue from, one per parameter in order, each of the parameter's shape (this process's
+            part when sharded): bool (True keeps, as :attr:`masks` gives them) or the engine's form (another
+            pruner's :attr:`mask_tensors`). They are copied. Default: none until the first :meth:`update`.
+
+    The pruner holds the parameter objects themselves: if the model's parameters are replaced
+    (``load_state_dict(..., assign=True)``, ``model.to_empty()``), build a new pruner over the new ones.
 
     Raises:
-        ValueError: no parameter, or an unknown scope; a parameter sharded in a layout the engine does not support.
+        TypeError: ``parameters`` is not a mapping of names to tensors, or ``score`` is not a ``Score``.
+        ValueError: no parameter, or an unknown scope; ``masks`` of another number, shape or form; a parameter
+            sharded in a layout the engine does not support.
     """
 
     def __init__(
@@ -73,8 +79,19 @@ class Pruner:
         scope: Literal["global", "layerwise"] = "global",
         masks: Sequence[Tensor] | None = None,
     ) -> None:
+        if not isinstance(parameters, Mapping) or not all(isinstance(p, Tensor) for p in parameters.values()):
+            raise TypeError(
+                "Pruner(parameters=...) takes a mapping of names to parameters, e.g. "
+                f"{{n: p for n, p in model.named_parameters() if p.dim() > 1}}, or use Pruner.from_model(model); "
+                f"got {type(parameters).__name__}"
+            )
         if not parameters:
             raise ValueError("Pruner needs at least one parameter to prune")
+        if score is not None and not isinstance(score, Score):
+            raise TypeError(
+                f"Pruner(score=...) takes a Score object (MagnitudeScore(), RandomScore(seed), "
+                f"LnStructuredScore(norm, dims) from lightning_compress.pruning.scores); got {type(score).__name__}"
+            )
         if scope not in SCOPES:
             raise ValueError(f"`scope` must be one of {list(SCOPES)}, got {scope!r}")
         self.names = list(parameters)
@@ -84,7 +101,7 @@ class Pruner:
         self.parts, self.collective = sharding.locate(self.names, self._params)
         self._masks: list[Tensor] | None = None
         if masks is not None:
-            self._masks = [m.to(w.device) for m, w in zip(masks, self.weights())]
+            self._masks = _checked_masks(masks, self.names, self.weights())
 
     @classmethod
     def from_model(
@@ -149,7 +166,12 @@ class Pruner:
     # ------------------------------------------------------------------ what it does
     def update(self, target: float) -> None:
         """Grow the masks to ``target`` sparsity (a fraction of the weights, or of the slices for structured
-        scores) and apply them. Masks only grow: a target below the reached sparsity changes nothing."""
+        scores) and apply them. Masks only grow: a target below the reached sparsity changes nothing.
+
+        Raises:
+            ValueError: ``target`` is not in [0, 1) (1 would prune every weight).
+        """
+        target = _checked_target(target)
         self.start_masks()
         self.score.grow(self, target)
         self.apply()
@@ -214,8 +236,13 @@ class Pruner:
         Raises:
             ValueError: the masks are for other parameters, or of other shapes.
         """
+        if not isinstance(state, Mapping) or "masks" not in state:
+            raise ValueError(
+                "Pruner.load_state_dict takes what Pruner.state_dict() returned (a dict with a 'masks' entry), not a "
+                "model's state dict or a whole checkpoint: e.g. pruner.load_state_dict(checkpoint['pruner'])"
+            )
         self.score.load_state_dict(state)
-        saved = state.get("masks")
+        saved = state["masks"]
         if saved is None:
             self._masks = None
             return
@@ -233,3 +260,43 @@ class Pruner:
             mask_from_bool(sharding.local_keep(saved[name], part, w), w)
             for name, part, w in zip(self.names, self.parts, self.weights())
         ]
+
+
+def _checked_target(target: float) -> float:
+    try:
+        value = float(target)
+    except (TypeError, ValueError):
+        raise TypeError(f"Pruner.update(target) takes a number in [0, 1), got {type(target).__name__}") from None
+    if not 0.0 <= value < 1.0:  # NaN fails too
+        raise ValueError(
+            f"Pruner.update(target={value!r}): the target sparsity is a fraction of the weights (of the slices, for "
+            "structured scores) in [0, 1)"
+        )
+    return value
+
+
+def _checked_masks(masks: Sequence[Tensor], names: Sequence[str], weights: Sequence[Tensor]) -> list[Tensor]:
+    """Copies of ``masks`` in the engine's form, one per weight; a ``ValueError`` naming the parameter otherwise."""
+    masks = list(masks)
+    if len(masks) != len(weights):
+        raise ValueError(
+            f"Pruner(masks=...) got {len(masks)} mask(s) for {len(weights)} parameter(s) {list(names)}: give one per "
+            "parameter, in the same order"
+        )
+    checked = []
+    for name, mask, weight in zip(names, masks, weights):
+        if not isinstance(mask, Tensor) or tuple(mask.shape) != tuple(weight.shape):
+            shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+            raise ValueError(
+                f"Pruner(masks=...): the mask for {name!r} has shape {shape}, the parameter {tuple(weight.shape)}"
+            )
+        if mask.dtype == torch.bool:
+            checked.append(mask_from_bool(mask, weight))
+        elif mask.dtype == MASK_DTYPE and bool(((mask == 0) | (mask == -1)).all()):
+            checked.append(mask.to(weight.device, copy=True))
+        else:
+            raise ValueError(
+                f"Pruner(masks=...): the mask for {name!r} is {mask.dtype}; give bool masks (True keeps, as "
+                "Pruner.masks gives) or the engine's masks (Pruner.mask_tensors: int8, -1 keeps, 0 prunes)"
+            )
+    return checked

@@ -86,6 +86,8 @@ class RandomScore(Score):
     its state is the score's checkpoint state (``"generator"``)."""
 
     def __init__(self, generator: torch.Generator | int = 0) -> None:
+        if isinstance(generator, bool) or not isinstance(generator, (int, torch.Generator)):
+            raise TypeError(f"RandomScore(generator=...) takes a seed (int) or a torch.Generator, got {generator!r}")
         self.generator = torch.Generator().manual_seed(generator) if isinstance(generator, int) else generator
 
     def source(self, weights: Sequence[Tensor], parts: Sequence[Part]) -> ScoreSource:
@@ -112,6 +114,11 @@ class LnStructuredScore(Score):
         self.norm, self.dims = float(norm), dims
 
     def grow(self, pruner: Pruner, target: float) -> None:
+        dims = [self.dims] * len(pruner.names) if isinstance(self.dims, int) else list(self.dims)
+        if len(dims) != len(pruner.names):
+            raise ValueError(f"LnStructuredScore(dims=...) gives {len(dims)} dims for {len(pruner.names)} parameters")
+        for (name, param), dim in zip(pruner.parameters.items(), dims):
+            check_slices({name: param}, dim)
         parts = None if pruner.collective is LOCAL else pruner.parts
         update_structured(pruner.weights(), pruner.mask_tensors, target, self.norm, self.dims, parts, pruner.collective)
 
