@@ -26,9 +26,7 @@ def test_python_blocks_run(tmp_path, monkeypatch):
     for code in blocks:
         exec(compile(code, "README.md", "exec"), namespace)
     assert (tmp_path / "digits_int8.ts").exists()
-    assert namespace["quantization"].results["quantization/sparsity_before"] == pytest.approx(
-        0.8, abs=1e-3
-    )
+    assert namespace["quantization"].results["quantization/sparsity_before"] == pytest.approx(0.8, abs=1e-3)
 
 
 def _shell_lines():
