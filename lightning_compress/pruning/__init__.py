@@ -24,6 +24,7 @@ from typing import Any
 
 _EXPORTS = {
     "MagnitudePruning": "lightning_compress.pruning.callbacks",
+    "MovementPruning": "lightning_compress.pruning.callbacks",
     "ScheduledPruning": "lightning_compress.pruning.callbacks",
     "Pruner": "lightning_compress.pruning.pruner",
 }
