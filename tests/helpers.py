@@ -381,8 +381,10 @@ class MovementOracle(Callback):
     gathered into full tensors when sharded; ``scores`` sums ``-g * w`` in float64. Put it after the pruning
     callback (it reads the selected parameters that callback holds)."""
 
-    def __init__(self, pruning) -> None:
+    def __init__(self, pruning, snapshot_after: int | None = None) -> None:
         self.pruning = pruning
+        self.snapshot_after = snapshot_after
+        self.snapshot: dict[str, torch.Tensor] = {}  # the scores after `snapshot_after` steps
         self.scores: dict[str, torch.Tensor] = {}
         self.steps = 0
         self.clipped_steps = 0  # steps whose applied gradient is shorter than the one on_before_optimizer_step saw
@@ -413,6 +415,8 @@ class MovementOracle(Callback):
         self.clipped_steps += norm < self._unclipped_norm * 0.999
         self.applied_norms.append(norm)
         self.steps += 1
+        if self.steps == self.snapshot_after:
+            self.snapshot = {n: s.clone() for n, s in self.scores.items()}
 
     def on_train_end(self, trainer, pl_module):
         for handle in self._handles:
