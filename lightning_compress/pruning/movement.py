@@ -61,11 +61,13 @@ class MovementScore(Score):
         return sum(s.numel() * s.element_size() for s in self.scores)
 
     @torch.no_grad()
-    def before_step(self, pruner: Pruner) -> None:
-        """``S -= g * w``: one fused pass over the weights that have a gradient (float32 weights), or one per tensor
-        of another dtype (computed in float32)."""
+    def before_step(self, pruner: Pruner, held: Sequence[int]) -> None:
+        """``S -= g * w`` for the weights at ``held`` (those the stepping optimizer updates) that have a gradient:
+        one fused pass over the float32 ones, one pass per tensor of another dtype (computed in float32)."""
         fused: tuple[list[Tensor], list[Tensor], list[Tensor]] = ([], [], [])
-        for score, grad, weight in zip(self.scores, pruner.gradients(), pruner.weights()):
+        grads, weights = pruner.gradients(), pruner.weights()
+        for i in held:
+            score, grad, weight = self.scores[i], grads[i], weights[i]
             if grad is None:
                 continue
             if grad.dtype == weight.dtype == torch.float32:

@@ -182,9 +182,14 @@ class Pruner:
         handles (``handle.remove()`` detaches)."""
         handles = [optimizer.register_step_post_hook(lambda *_: self.apply())]
         if type(self.score).before_step is not Score.before_step:
-            hook = _when_gradients_are_final(lambda: self.score.before_step(self))
+            hook = _when_gradients_are_final(lambda: self.score.before_step(self, self._held_by(optimizer)))
             handles.append(optimizer.register_step_pre_hook(hook))
         return handles
+
+    def _held_by(self, optimizer: torch.optim.Optimizer) -> list[int]:
+        """The positions of the parameters ``optimizer`` updates (another optimizer's are not its step's)."""
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        return [i for i, p in enumerate(self._params) if id(p) in held]
 
     def measure(self) -> Sparsity:
         """The measured fractions of exact zeros over the full parameters (every shard counted once)."""

@@ -66,11 +66,11 @@ class Score:
         """Called once by the :class:`~lightning_compress.pruning.pruner.Pruner` that owns this score, when it is
         built (a score with state per weight allocates it here, beside the pruner's local tensors)."""
 
-    def before_step(self, pruner: Pruner) -> None:
+    def before_step(self, pruner: Pruner, held: Sequence[int]) -> None:
         """Called once per optimizer step once the pruner is attached to the optimizer, when the step's gradients
-        are final (after the optimizer's closure, when it is given one) and before the weights change: a score
-        accumulated during training updates itself here. Nothing, for scores computed from the weights at each
-        update."""
+        are final (after the optimizer's closure, when it is given one) and before the weights change, with the
+        positions (in ``pruner.names``) of the parameters that optimizer updates: a score accumulated during
+        training updates itself here. Nothing, for scores computed from the weights at each update."""
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint must hold to continue the same sequence of masks."""

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from helpers import DigitsDataModule, DigitsMLP, MovementOracle, assert_masks_prune_the_lowest
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from lightning_compress import MagnitudePruning, MovementPruning, Pruner
+from lightning_compress import DynamicQuantization, MagnitudePruning, MovementPruning, Pruner
 from lightning_compress.pruning.movement import MovementScore, ordered_non_negative
 
 AMOUNT = 0.6
@@ -138,6 +138,16 @@ def test_a_plain_loop_whose_optimizer_takes_a_closure():
     pruner.update(0.5)
     assert pruner.measure().overall == pytest.approx(0.5, abs=0.01)
 
+    # two optimizers (a GAN's, say): each step accumulates the parameters it updates, not the other's
+    first, second = (torch.optim.SGD([p], lr=0.1) for p in pruner.parameters.values())
+    pruner.attach(first), pruner.attach(second)
+    before = [s.clone() for s in pruner.score.scores]
+    F.cross_entropy(model(x), y).backward()
+    w0, g0 = pruner.weights()[0].detach().clone(), pruner.gradients()[0].clone()
+    first.step()
+    torch.testing.assert_close(pruner.score.scores[0], before[0] - g0 * w0)
+    assert torch.equal(pruner.score.scores[1], before[1])
+
 
 def test_scores_of_any_sign_keep_their_order_for_the_engine():
     values = torch.tensor([-float("inf"), -3.0, -1e-30, -0.0, 0.0, 1e-38, 2.0, float("inf")])
@@ -156,35 +166,40 @@ class _StopAfter(Callback):
             trainer.should_stop = True
 
 
-def _fit(root, callback_class=MovementPruning, stop_after=None, ckpt_path=None, **kwargs):
+def _fit(root, callback_class=MovementPruning, stop_after=None, ckpt_path=None, quantize=False):
     pl.seed_everything(0, verbose=False)
-    pruning = callback_class(amount=0.8, end=3, make_permanent=False, **kwargs)
+    pruning = callback_class(amount=0.8, end=3, make_permanent=False, monitor="val_acc" if quantize else None)
     callbacks = [pruning, ModelCheckpoint(dirpath=root, save_last=True)]
     if stop_after is not None:
         callbacks.append(_StopAfter(stop_after))
+    if quantize:  # it measures the pruned weights' sparsity through the PruningCallback protocol
+        callbacks.append(DynamicQuantization())
     trainer = pl.Trainer(
         accelerator="cpu",
         max_epochs=4,
         limit_train_batches=6,
         limit_val_batches=2,
         callbacks=callbacks,
-        logger=False,
+        logger=pl.loggers.CSVLogger(root, name="logs") if quantize else False,
         enable_progress_bar=False,
         enable_model_summary=False,
         default_root_dir=root,
     )
     model = DigitsMLP(hidden=32)
     trainer.fit(model, datamodule=DigitsDataModule(shuffle=False), ckpt_path=ckpt_path)
-    return model, pruning
+    return model, pruning, trainer
 
 
 def test_resume_mid_schedule_equals_an_uninterrupted_run(tmp_path):
-    full_model, full = _fit(tmp_path / "a")
-    _, first = _fit(tmp_path / "b", stop_after=1)
+    full_model, full, trainer = _fit(tmp_path / "a", quantize=True)
+    quant = next(c for c in trainer.callbacks if isinstance(c, DynamicQuantization))
+    assert quant.results["quantization/sparsity_before"] == pytest.approx(0.8, abs=1e-3)
+    assert list((tmp_path / "a" / "logs").glob("*/sparsity.png"))
+    _, first, _ = _fit(tmp_path / "b", stop_after=1)
     state = torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)["callbacks"][first.state_key]
     assert list(state["scores"]) == list(first.scores) and state["score_steps"] == 12
     assert 0 < first.history[-1]["sparsity"] < full.history[-1]["sparsity"]  # mid-schedule
-    resumed_model, resumed = _fit(tmp_path / "c", ckpt_path=tmp_path / "b" / "last.ckpt")
+    resumed_model, resumed, _ = _fit(tmp_path / "c", ckpt_path=tmp_path / "b" / "last.ckpt")
     for (name, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values()):
         assert torch.equal(a, b), name
     for name, mask in full.masks.items():
@@ -194,11 +209,11 @@ def test_resume_mid_schedule_equals_an_uninterrupted_run(tmp_path):
 
 
 def test_resuming_from_a_magnitude_pruning_checkpoint_keeps_its_masks_and_says_so(tmp_path):
-    _, magnitude = _fit(tmp_path / "a", callback_class=MagnitudePruning, stop_after=1)
+    _, magnitude, _ = _fit(tmp_path / "a", callback_class=MagnitudePruning, stop_after=1)
     kept = {n: m.clone() for n, m in magnitude.masks.items()}
     assert any(not m.all() for m in kept.values())
     with pytest.warns(UserWarning) as caught:
-        _, movement = _fit(tmp_path / "b", ckpt_path=tmp_path / "a" / "last.ckpt")
+        _, movement, _ = _fit(tmp_path / "b", ckpt_path=tmp_path / "a" / "last.ckpt")
     messages = " ".join(str(w.message) for w in caught)
     assert "MovementPruning resumes from the state MagnitudePruning saved for the same parameters" in messages
     assert "without movement scores (saved by MagnitudePruning): the scores start from zero now" in messages
