@@ -127,8 +127,10 @@ class MovementScore(Score):
 
 def ordered_non_negative(scores: Tensor) -> Tensor:
     """Non-negative float64 values in the order of the float32 ``scores`` (any sign), for the mask engine, whose
-    radix select needs non-negative scores: each float32's bits mapped to the unsigned integer that sorts like it
-    (negatives reversed below the positives; -0 is +0), exact in float64. NaN sorts beyond +-inf by its sign bit.
-    """
+    radix select reads non-negative floats' bits as integers: each float32's bits are mapped to the unsigned 32-bit
+    integer that sorts like it (negatives reversed below the positives; -0 is +0), shifted to bits 61..30 of a
+    float64 (finite: bit 62 stays 0), so that the engine's first 16-bit radix pass already splits them. NaN sorts
+    beyond +-inf by its sign bit."""
     bits = torch.where(scores == 0, 0.0, scores).view(torch.int32).to(torch.int64)
-    return torch.where(bits < 0, -1 - bits, bits + (1 << 31)).to(torch.float64)
+    ordered = torch.where(bits < 0, -1 - bits, bits + (1 << 31))
+    return (ordered << 30).view(torch.float64)
