@@ -611,6 +611,16 @@ class MovementPruning(ScheduledPruning):
     def _make_score(self) -> Score:
         return MovementScore()
 
+    def _start_schedule(self, trainer: pl.Trainer, resumed: dict[str, Any] | None) -> None:
+        super()._start_schedule(trainer, resumed)
+        if resumed is None and self._progress.first_raise() == 0:
+            raise ValueError(
+                f"{self._name}(schedule={self.schedule!r}, start={self.start}) prunes at {self.interval} 0, before "
+                "any optimizer step: every movement score is still 0, so it would prune the first weights by "
+                "position. Start later (`start=1`), or use a schedule whose target at `start` is 0 ('cubic', "
+                "'linear', 'exponential')."
+            )
+
     def _restore(self, saved: dict[str, Any]) -> None:
         super()._restore(saved)
         if not self._pruner.score.restored:

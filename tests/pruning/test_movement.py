@@ -8,7 +8,13 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DigitsDataModule, DigitsMLP, MovementOracle, assert_masks_prune_the_lowest
+from helpers import (
+    DigitsDataModule,
+    DigitsMLP,
+    MovementOracle,
+    assert_fails_before_training,
+    assert_masks_prune_the_lowest,
+)
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_compress import DynamicQuantization, MagnitudePruning, MovementPruning, Pruner
@@ -233,3 +239,17 @@ def test_the_accuracy_guard_holds_and_rolls_back_movement_pruning(quiet_trainer_
         trainer.fit(DigitsMLP(hidden=16), datamodule=DigitsDataModule())
     assert pruning.guard.rolled_back and pruning.pruner.score.steps == 12
     assert pruning.history[-1]["sparsity"] == 0.0
+
+
+def test_bad_arguments_fail_at_construction_or_before_training(quiet_trainer_kwargs):
+    with pytest.raises(ValueError, match=r"`scope` must be one of \['global', 'layerwise'\], got 'tensor'"):
+        MovementPruning(scope="tensor")
+    with pytest.raises(ValueError, match="`amount` must be a number in"):
+        MovementPruning(amount=1.0)
+    assert_fails_before_training(
+        {**quiet_trainer_kwargs, "limit_train_batches": 2, "limit_val_batches": 0},
+        [MovementPruning(amount=0.5, schedule="constant")],
+        DigitsMLP(hidden=8),
+        r"prunes at epoch 0, before any optimizer step: every movement score is still 0",
+        datamodule=DigitsDataModule(),
+    )
