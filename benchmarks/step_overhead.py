@@ -1,7 +1,9 @@
-"""Training-step time with masks in force: plain training vs MagnitudePruning vs Lightning's ModelPruning.
+"""Training-step time with masks in force: plain training vs MagnitudePruning vs MovementPruning vs Lightning's
+ModelPruning.
 
 A 5.3M-parameter MLP (512-2048-2048-10), batch 128, SGD with momentum, CPU. Each run trains 2 epochs; the
-pruning callbacks reach 90% sparsity before epoch 1 (ModelPruning prunes at the end of epoch 0), and only
+pruning callbacks reach 90% sparsity before epoch 1 (ModelPruning prunes at the end of epoch 0; MovementPruning
+at the start of epoch 1, from the scores of epoch 0, and it goes on accumulating them at every step), and only
 epoch 1's batches are timed (on_train_batch_start to on_train_batch_end: forward, backward, optimizer step
 and the masks' re-application). Configurations alternate round by round; medians over all rounds.
 
@@ -23,7 +25,7 @@ from lightning.pytorch.callbacks import Callback, ModelPruning
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_compress import MagnitudePruning
+from lightning_compress import MagnitudePruning, MovementPruning
 
 warnings.filterwarnings("ignore")
 logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -58,6 +60,7 @@ def configs():
     return {
         "plain": lambda: [],
         "MagnitudePruning": lambda: [MagnitudePruning(amount=0.9, schedule="constant")],
+        "MovementPruning": lambda: [MovementPruning(amount=0.9, schedule="constant", start=1)],
         "ModelPruning": lambda: [
             ModelPruning(
                 "l1_unstructured", amount=0.9, use_global_unstructured=True, verbose=0, make_pruning_permanent=True
@@ -82,10 +85,13 @@ def run(callbacks, data) -> list[float]:
     return timer.times
 
 
-def isolated_mask_cost(steps: int) -> tuple[float, float]:
-    """Median plain training step and median mask re-application (the post-step hook's work), interleaved."""
+def isolated_mask_cost(steps: int) -> tuple[float, float, float]:
+    """Median plain training step, median mask re-application (the post-step hook's work) and median movement
+    accumulation (MovementScore.before_step: one fused pass S -= g * w), interleaved."""
+    from lightning_compress import Pruner
     from lightning_compress.pruning import masks as engine
     from lightning_compress.pruning import scores
+    from lightning_compress.pruning.movement import MovementScore
 
     torch.manual_seed(0)
     model = MLP()
@@ -93,7 +99,8 @@ def isolated_mask_cost(steps: int) -> tuple[float, float]:
     x, y = torch.randn(128, 512), torch.randint(0, 10, (128,))
     weights = [model.net[i].weight for i in (0, 2, 4)]
     masks = scores.prune_by_magnitude(weights, 0.9, "global")
-    step_times, apply_times = [], []
+    pruner = Pruner({f"net.{i}.weight": model.net[i].weight for i in (0, 2, 4)}, MovementScore())
+    step_times, apply_times, score_times = [], [], []
     for _ in range(steps):
         start = time.perf_counter()
         optimizer.zero_grad()
@@ -102,9 +109,12 @@ def isolated_mask_cost(steps: int) -> tuple[float, float]:
         middle = time.perf_counter()
         engine.apply_masks(weights, masks)
         end = time.perf_counter()
+        pruner.score.before_step(pruner, [0, 1, 2])
+        scored = time.perf_counter()
         step_times.append(middle - start)
         apply_times.append(end - middle)
-    return statistics.median(step_times), statistics.median(apply_times)
+        score_times.append(scored - end)
+    return statistics.median(step_times), statistics.median(apply_times), statistics.median(score_times)
 
 
 def application_variants() -> dict[str, float]:
@@ -160,9 +170,11 @@ def main() -> None:
     for name, values in times.items():
         median = statistics.median(values)
         print(f"  {name:18s} {median * 1e3:7.2f} ms   {median / plain:.3f}x plain")
-    step, apply = isolated_mask_cost(200)
+    step, apply, score = isolated_mask_cost(200)
     print(f"isolated, 200 interleaved steps: plain step {step * 1e3:.2f} ms, mask re-application {apply * 1e3:.2f} ms")
     print(f"  -> (step + masks) / step = {(step + apply) / step:.3f}x")
+    print(f"  movement accumulation {score * 1e3:.2f} ms ({score * 1e9 / 5_263_360:.2f} ns per weight)")
+    print(f"  -> (step + masks + movement) / step = {(step + apply + score) / step:.3f}x")
     print("applying the masks in place, median of 5 interleaved rounds:")
     for name, ms in application_variants().items():
         print(f"  {name:54s} {ms:6.3f} ms")

@@ -13,6 +13,7 @@ __version__ = "0.4.0"
 
 _EXPORTS = {
     "MagnitudePruning": "lightning_compress.pruning.callbacks",
+    "MovementPruning": "lightning_compress.pruning.callbacks",
     "Pruner": "lightning_compress.pruning.pruner",
     "DynamicQuantization": "lightning_compress.quantization.callbacks",
     "QuantizationError": "lightning_compress.quantization.callbacks",

@@ -1,6 +1,8 @@
 """Run by tests/test_ddp.py as `python ddp_script.py OUT_DIR METHOD [quantize [MONITOR]]`, strategy="ddp".
 
-METHOD: a pruning method, "guard" (L1 with an accuracy budget of 0) or "demo" (L1 on Lightning's demo Transformer).
+METHOD: a pruning method, "guard" (L1 with an accuracy budget of 0), "demo" (L1 on Lightning's demo Transformer) or
+"movement" (MovementPruning, with a MovementOracle beside it); several joined by "+" run one fit each in this one
+launch, each writing under OUT_DIR/<method>/.
 
 Two CPU processes.
 
@@ -17,10 +19,11 @@ from helpers import (  # beside this script, first on sys.path
     DemoTransformer,
     DigitsDataModule,
     DigitsMLP,
+    MovementOracle,
     end_distributed_process,
 )
 
-from lightning_compress import MagnitudePruning
+from lightning_compress import MagnitudePruning, MovementPruning
 
 
 def main(out_dir: Path, method: str, quantize: bool, monitor: str | None = None) -> None:
@@ -28,9 +31,16 @@ def main(out_dir: Path, method: str, quantize: bool, monitor: str | None = None)
     # "guard": l1 with an accuracy budget of 0, so that holds or a rollback happen and every rank must agree
     guard = dict(start=1, monitor="val_acc", max_drop=0.0) if method == "guard" else {}
     demo = method == "demo"  # Lightning's demo Transformer, whose prepare_data Lightning runs inside a barrier
+    movement = method == "movement"
     method = "l1_unstructured" if method in ("guard", "demo") else method
-    pruning = MagnitudePruning(amount=0.7, method=method, make_permanent=False, **guard)
+    if movement:  # epoch 0 dense, the update at epoch 1 from its scores, which go on accumulating
+        pruning = MovementPruning(amount=0.7, schedule="constant", start=1, make_permanent=False)
+    else:
+        pruning = MagnitudePruning(amount=0.7, method=method, make_permanent=False, **guard)
     callbacks = [pruning]
+    oracle = MovementOracle(pruning) if movement else None
+    if oracle is not None:
+        callbacks.append(oracle)
     quant = None
     if quantize:
         from lightning_compress import DynamicQuantization
@@ -61,11 +71,18 @@ def main(out_dir: Path, method: str, quantize: bool, monitor: str | None = None)
             "guard": pruning.summary_lines(),
             "quantized": quant is not None and quant.quantized_model is not None,
             "is_global_zero": trainer.is_global_zero,
+            "scores": pruning.scores if movement else None,
+            "oracle_scores": oracle.scores if movement else None,
+            "steps": (oracle.steps, pruning.pruner.score.steps) if movement else None,
         },
         out_dir / f"rank{trainer.global_rank}.pt",
     )
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2], len(sys.argv) > 3, sys.argv[4] if len(sys.argv) > 4 else None)
+    methods = sys.argv[2].split("+")
+    for one in methods:
+        out = Path(sys.argv[1]) / one if len(methods) > 1 else Path(sys.argv[1])
+        out.mkdir(parents=True, exist_ok=True)
+        main(out, one, len(sys.argv) > 3, sys.argv[4] if len(sys.argv) > 4 else None)
     end_distributed_process()

@@ -7,7 +7,8 @@ sharded over 1, so rank 1 holds replicas). Lightning's launcher starts rank 1 by
 Each CASE is one fit; each rank writes OUT_DIR/<case>/rank<k>.pt with what the test compares against its oracle:
 the selected weights gathered before the first update, the gathered masks and the gathered final weights.
 
-CASE is one of: l1_global, l1_layerwise, random, ln_dim0, ln_dim1 (constant schedule, one epoch); demo: Lightning's
+CASE is one of: l1_global, l1_layerwise, random, ln_dim0, ln_dim1 (constant schedule, one epoch); movement:
+MovementPruning, its one update at step 6, with a MovementOracle (gathered g and w at every step); demo: Lightning's
 demo Transformer with l1_global and DynamicQuantization;
 resume_<format>_full / resume_<format>_first / resume_<format>_second (format: "dcp" or "full"): an uninterrupted
 4-epoch cubic schedule, and the same run stopped after epoch 1 then resumed from its checkpoint;
@@ -25,6 +26,7 @@ from helpers import (  # beside this script, first on sys.path
     DemoTransformer,
     DigitsDataModule,
     DigitsMLP,
+    MovementOracle,
     end_distributed_process,
 )
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -32,7 +34,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import fully_shard
 
-from lightning_compress import DynamicQuantization, MagnitudePruning
+from lightning_compress import DynamicQuantization, MagnitudePruning, MovementPruning
 
 CONSTANT = {
     "l1_global": dict(method="l1_unstructured"),
@@ -99,6 +101,9 @@ def fit(out_dir: Path, layout: str, case: str) -> None:
     epochs, ckpt_path, callbacks = 1, None, []
     if case == "unsupported":  # not supported under sharding yet: must fail before training
         pruning = MagnitudePruning(amount=0.5, monitor="val_acc", max_drop=0.01)
+    elif case == "movement":
+        pruning = MovementPruning(amount=0.6, schedule="constant", interval="step", start=6, make_permanent=False)
+        callbacks.append(MovementOracle(pruning, snapshot_after=6))
     elif case in CONSTANT or case == "demo":
         settings = CONSTANT.get(case, CONSTANT["l1_global"])
         pruning = MagnitudePruning(amount=0.6, schedule="constant", make_permanent=False, **settings)
@@ -166,6 +171,11 @@ def fit(out_dir: Path, layout: str, case: str) -> None:
         if quant.quantized_model is not None:
             result["outputs"] = quant.quantized_model(x).detach()
             result["results"] = quant.results
+    if case == "movement":
+        oracle = callbacks[-1]
+        result["oracle_snapshot"], result["oracle_scores"] = oracle.snapshot, oracle.scores
+        result["gathered_scores"] = pruning.state_dict()["scores"]  # as checkpoints hold them: on rank zero
+        result["local_scores"] = pruning.scores
     (out_dir / case).mkdir(parents=True, exist_ok=True)
     torch.save(result, out_dir / case / f"rank{trainer.global_rank}.pt")
 

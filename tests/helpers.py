@@ -377,3 +377,82 @@ def pruned_mlp(widths, sparsity: float, scope: str = "global") -> nn.Sequential:
     model = nn.Sequential(*layers[:-1]).eval()
     scores.prune_by_magnitude([m.weight for m in model if isinstance(m, nn.Linear)], sparsity, scope)
     return model
+
+
+class MovementOracle(Callback):
+    """An independent route to movement scores: at every real optimizer step, the selected weights before the step
+    (read in ``on_before_optimizer_step``, which comes before clipping and leaves the weights as the step finds
+    them) and the gradient the step applied (read in an optimizer step post-hook: after clipping and unscaling),
+    gathered into full tensors when sharded; ``scores`` sums ``-g * w`` in float64. Put it after the pruning
+    callback (it reads the selected parameters that callback holds)."""
+
+    def __init__(self, pruning, snapshot_after: int | None = None) -> None:
+        self.pruning = pruning
+        self.snapshot_after = snapshot_after
+        self.snapshot: dict[str, torch.Tensor] = {}  # the scores after `snapshot_after` steps
+        self.scores: dict[str, torch.Tensor] = {}
+        self.steps = 0
+        self.clipped_steps = 0  # steps whose applied gradient is shorter than the one on_before_optimizer_step saw
+        self.applied_norms: list[float] = []  # of the gradients of the selected weights
+        self._before: dict[str, torch.Tensor] = {}
+        self._unclipped_norm = 0.0
+        self._handles: list = []
+
+    @staticmethod
+    def _full(t: torch.Tensor) -> torch.Tensor:
+        return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().double().cpu()
+
+    def on_train_start(self, trainer, pl_module):
+        self._params = self.pruning.selected_parameters
+        self.scores = {n: torch.zeros(p.shape, dtype=torch.float64) for n, p in self._params.items()}
+        self._handles = [opt.register_step_post_hook(self._after_step) for opt in trainer.optimizers]
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self._before = {n: self._full(p) for n, p in self._params.items()}
+        grads = [self._full(p.grad) for p in self._params.values() if p.grad is not None]
+        self._unclipped_norm = float(torch.cat([g.flatten() for g in grads]).norm()) if grads else 0.0
+
+    def _after_step(self, optimizer, args, kwargs):
+        grads = {n: self._full(p.grad) for n, p in self._params.items() if p.grad is not None}
+        for name, grad in grads.items():
+            self.scores[name] -= grad * self._before[name]
+        norm = float(torch.cat([g.flatten() for g in grads.values()]).norm()) if grads else 0.0
+        self.clipped_steps += norm < self._unclipped_norm * 0.999
+        self.applied_norms.append(norm)
+        self.steps += 1
+        if self.steps == self.snapshot_after:
+            self.snapshot = {n: s.clone() for n, s in self.scores.items()}
+
+    def on_train_end(self, trainer, pl_module):
+        for handle in self._handles:
+            handle.remove()
+
+
+def lowest_pruned(scores: dict[str, torch.Tensor], amount: float, scope: str) -> dict[str, torch.Tensor]:
+    """Bool masks (True keeps) that prune the ``round(amount * n)`` lowest ``scores``: over all tensors, or in each."""
+    if scope == "layerwise":
+        return {n: lowest_pruned({n: s}, amount, "global")[n] for n, s in scores.items()}
+    flat = torch.cat([s.flatten() for s in scores.values()])
+    keep = torch.ones_like(flat, dtype=torch.bool)
+    keep[torch.sort(flat, stable=True).indices[: round(amount * flat.numel())]] = False
+    masks, start = {}, 0
+    for name, s in scores.items():
+        masks[name] = keep[start : start + s.numel()].reshape(s.shape)
+        start += s.numel()
+    return masks
+
+
+def assert_masks_prune_the_lowest(masks, scores, amount, scope, tolerance=1e-6) -> None:
+    """``masks`` prune the lowest ``scores`` (float64, an oracle's): they equal :func:`lowest_pruned` except, at
+    most, at entries whose oracle score is within ``tolerance`` (relative to the largest) of the threshold, where
+    float32 accumulation may order near-ties otherwise."""
+    expected = lowest_pruned(scores, amount, scope)
+    scale = max(float(s.abs().max()) for s in scores.values())
+    for name, mask in masks.items():
+        assert mask.shape == expected[name].shape, name
+        differ = mask.cpu() != expected[name]
+        if differ.any():
+            pruned = torch.cat([s[~expected[n]] for n, s in scores.items() if scope == "global" or n == name])
+            threshold = float(pruned.max())
+            assert bool(((scores[name][differ] - threshold).abs() <= tolerance * scale).all()), name
+            assert int(differ.sum()) <= 2, name

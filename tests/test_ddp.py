@@ -18,9 +18,24 @@ def _run(tmp_path, *args):
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
 
 
-@pytest.mark.parametrize("method", ["l1_unstructured", "random_unstructured", "guard"])
-def test_ranks_agree_on_masks_and_weights(tmp_path, method):
-    rank0, rank1 = _run(tmp_path, method)
+def _run_fits(tmp_path, methods):
+    """One launch, one fit per method: ``{method: [rank0, rank1]}``."""
+    if len(methods) == 1:
+        return {methods[0]: _run(tmp_path, methods[0])}
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path), "+".join(methods)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return {m: [torch.load(tmp_path / m / f"rank{r}.pt", weights_only=True) for r in (0, 1)] for m in methods}
+
+
+@pytest.mark.parametrize("methods", ["l1_unstructured", "random_unstructured+movement", "guard"])
+def test_ranks_agree_on_masks_and_weights(tmp_path, methods):
+    for method, (rank0, rank1) in _run_fits(tmp_path, methods.split("+")).items():
+        _check_ranks_agree(method, rank0, rank1)
+
+
+def _check_ranks_agree(method, rank0, rank1):
     assert rank0["masks"] and rank0["masks"].keys() == rank1["masks"].keys()
     for name in rank0["masks"]:
         assert torch.equal(rank0["masks"][name], rank1["masks"][name]), name
@@ -33,6 +48,12 @@ def test_ranks_agree_on_masks_and_weights(tmp_path, method):
         assert 1 - kept / total < 0.7
     else:
         assert 1 - kept / total == pytest.approx(0.7, abs=1e-3)
+    if method == "movement":  # gradients are averaged: every rank's scores are the same, and one process's
+        assert rank0["steps"] == rank1["steps"] and rank0["steps"][0] == rank0["steps"][1] > 0
+        for name, score in rank0["scores"].items():
+            assert torch.equal(score, rank1["scores"][name]), name
+            torch.testing.assert_close(score.double(), rank0["oracle_scores"][name], rtol=1e-4, atol=1e-9)
+            assert score.abs().max() > 0, name
 
 
 def test_quantization_runs_once_on_rank_zero(tmp_path):

@@ -13,6 +13,7 @@ def test_every_top_level_name_resolves_and_the_old_paths_are_the_same_objects():
     for name in lightning_compress.__all__:
         assert getattr(lightning_compress, name) is not None, name
     assert pruning.MagnitudePruning is lightning_compress.MagnitudePruning
+    assert pruning.MovementPruning is lightning_compress.MovementPruning
     assert pruning.Pruner is lightning_compress.Pruner
     assert quantization.DynamicQuantization is lightning_compress.DynamicQuantization
     assert quantization.QuantizationError is lightning_compress.QuantizationError
@@ -26,6 +27,7 @@ sys.modules["lightning"] = sys.modules["lightning.pytorch"] = sys.modules["pytor
 import torch
 from torch import nn
 from lightning_compress import Pruner, load_quantized, shrink
+from lightning_compress.pruning.movement import MovementScore
 from lightning_compress.pruning.schedules import target_sparsity
 
 model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))

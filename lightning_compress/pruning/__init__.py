@@ -2,9 +2,10 @@
 
 * :mod:`~lightning_compress.pruning.pruner`: ``Pruner``, the core: selected parameters, their masks and score;
   update, apply, measure, checkpoint, squash, in any training loop;
-* :mod:`~lightning_compress.pruning.callbacks`: ``MagnitudePruning`` (and ``ScheduledPruning``, what every pruning
-  callback shares): when, from which hook, what is logged;
+* :mod:`~lightning_compress.pruning.callbacks`: ``MagnitudePruning``, ``MovementPruning`` (and ``ScheduledPruning``,
+  what every pruning callback shares): when, from which hook, what is logged;
 * :mod:`~lightning_compress.pruning.scores`: magnitude, random, Ln norms of slices and of channel groups;
+  :mod:`~lightning_compress.pruning.movement`: movement scores accumulated while training (``MovementPruning``);
 * :mod:`~lightning_compress.pruning.masks`: the engine (exact threshold, growing masks, in-place application);
 * :mod:`~lightning_compress.pruning.selection`: which parameters; :mod:`~lightning_compress.pruning.groups`: coupled
   channels; :mod:`~lightning_compress.pruning.sharding`: FSDP2 shards;
@@ -24,6 +25,7 @@ from typing import Any
 
 _EXPORTS = {
     "MagnitudePruning": "lightning_compress.pruning.callbacks",
+    "MovementPruning": "lightning_compress.pruning.callbacks",
     "ScheduledPruning": "lightning_compress.pruning.callbacks",
     "Pruner": "lightning_compress.pruning.pruner",
 }

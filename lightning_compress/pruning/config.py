@@ -2,9 +2,10 @@
 validate themselves in ``__post_init__`` and raise a ``ValueError`` naming the argument and what it accepts.
 
 One per concept, so that a callback takes the ones it needs: when and how much (:class:`ScheduleConfig`), which
-parameters (:class:`SelectionConfig`), the accuracy guard (:class:`GuardConfig`), and how ``MagnitudePruning``
-scores weights (:class:`MagnitudeConfig`). The callbacks keep flat, type-hinted constructor arguments (LightningCLI
-reads their signatures) and build these. Knows nothing of tensors or Lightning.
+parameters (:class:`SelectionConfig`), the accuracy guard (:class:`GuardConfig`), how ``MagnitudePruning``
+scores weights (:class:`MagnitudeConfig`) and how ``MovementPruning`` prunes (:class:`MovementConfig`). The callbacks
+keep flat, type-hinted constructor arguments (LightningCLI reads their signatures) and build these. Knows nothing
+of tensors or Lightning.
 """
 
 from __future__ import annotations
@@ -158,6 +159,20 @@ class MagnitudeConfig:
             )
         self.scope = self.scope or ("layerwise" if self.method == "ln_structured" else "global")
         self.norm, self.dim = float(norm), int(self.dim)
+
+
+@dataclasses.dataclass
+class MovementConfig:
+    """How ``MovementPruning`` prunes: unstructured, with one threshold over all selected weights (``"global"``) or
+    the target in each tensor (``"layerwise"``)."""
+
+    scope: str = "global"
+
+    def __post_init__(self) -> None:
+        if self.scope not in SCOPES:
+            raise ValueError(
+                f"`scope` must be one of {list(SCOPES)}, got {self.scope!r} (movement pruning is unstructured)"
+            )
 
 
 def fields_of(*configs: Any) -> dict[str, Any]:

@@ -27,7 +27,7 @@ nothing of Lightning or schedules.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -102,6 +102,7 @@ class Pruner:
         self._masks: list[Tensor] | None = None
         if masks is not None:
             self._masks = _checked_masks(masks, self.names, self.weights())
+        self.score.bind(self)
 
     @classmethod
     def from_model(
@@ -127,6 +128,10 @@ class Pruner:
         """The tensors this process holds of the parameters (the parameters themselves unless sharded), asked for
         anew at each call: FSDP2 may replace a parameter's local tensor."""
         return [sharding.local(p) for p in self._params]
+
+    def gradients(self) -> list[Tensor | None]:
+        """The gradients of :meth:`weights` (this process's part of each; ``None`` where a parameter has none)."""
+        return [None if p.grad is None else sharding.local(p.grad) for p in self._params]
 
     @property
     def total(self) -> int:
@@ -194,12 +199,19 @@ class Pruner:
 
     def attach(self, optimizer: torch.optim.Optimizer) -> list[RemovableHandle]:
         """Keep pruned weights at 0 after every step of ``optimizer`` (a step post-hook that applies the masks),
-        and call the score's :meth:`~lightning_compress.pruning.scores.Score.before_step` before each step when it
-        has one. Returns the hooks' handles (``handle.remove()`` detaches)."""
+        and call the score's :meth:`~lightning_compress.pruning.scores.Score.before_step` once per step, from the
+        gradients the step applies, when it has one (see :func:`_when_gradients_are_final`). Returns the hooks'
+        handles (``handle.remove()`` detaches)."""
         handles = [optimizer.register_step_post_hook(lambda *_: self.apply())]
         if type(self.score).before_step is not Score.before_step:
-            handles.append(optimizer.register_step_pre_hook(lambda *_: self.score.before_step(self.weights())))
+            hook = _when_gradients_are_final(lambda: self.score.before_step(self, self._held_by(optimizer)))
+            handles.append(optimizer.register_step_pre_hook(hook))
         return handles
+
+    def _held_by(self, optimizer: torch.optim.Optimizer) -> list[int]:
+        """The positions of the parameters ``optimizer`` updates (another optimizer's are not its step's)."""
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        return [i for i, p in enumerate(self._params) if id(p) in held]
 
     def measure(self) -> Sparsity:
         """The measured fractions of exact zeros over the full parameters (every shard counted once)."""
@@ -300,3 +312,39 @@ def _checked_masks(masks: Sequence[Tensor], names: Sequence[str], weights: Seque
                 "Pruner.masks gives) or the engine's masks (Pruner.mask_tensors: int8, -1 keeps, 0 prunes)"
             )
     return checked
+
+
+def _when_gradients_are_final(
+    call: Callable[[], None],
+) -> Callable[[torch.optim.Optimizer, tuple, dict], tuple[tuple, dict] | None]:
+    """An optimizer step pre-hook that calls ``call`` once per step, when the step's gradients are final.
+
+    A step given no closure has them already (a plain loop, manual optimization, Lightning's AMP with a gradient
+    scaler, which unscales before the step). Lightning's automatic optimization passes a closure that runs the
+    training step, backward, unscaling and gradient clipping inside ``optimizer.step``, after the pre-hooks: the
+    closure is wrapped so that ``call`` runs after it returns, once per step even when the optimizer calls it
+    several times (LBFGS). A step the gradient scaler skips (inf or NaN) never calls ``optimizer.step``: nothing.
+    """
+
+    def hook(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        # `args` are step's own: the optimizer first, then `closure` when it is passed by position
+        positional = len(args) > 1 and callable(args[1])
+        closure = args[1] if positional else kwargs.get("closure")
+        if closure is None:
+            call()
+            return None
+        done = False
+
+        def closure_then_call() -> Any:
+            nonlocal done
+            result = closure()
+            if not done:
+                done = True
+                call()
+            return result
+
+        if positional:
+            return (args[0], closure_then_call, *args[2:]), kwargs
+        return args, {**kwargs, "closure": closure_then_call}
+
+    return hook

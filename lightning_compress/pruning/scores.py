@@ -12,8 +12,8 @@ A functional core under small score objects, as torchmetrics does:
 
 A :class:`Score` says how to grow masks to a target; :class:`~lightning_compress.pruning.pruner.Pruner` asks it at
 each update. A score accumulated during training (movement: ``S -= g * w`` at each optimizer step) is one more
-subclass, with :meth:`Score.before_step` and its state in :meth:`Score.state_dict`. Knows nothing of schedules or
-Lightning.
+subclass, with :meth:`Score.before_step` and its state in :meth:`Score.state_dict`
+(:class:`lightning_compress.pruning.movement.MovementScore`). Knows nothing of schedules or Lightning.
 """
 
 from __future__ import annotations
@@ -62,9 +62,15 @@ class Score:
         """The scores of the entries of ``weights`` (local tensors, each the ``parts`` of a full one)."""
         raise NotImplementedError(f"{type(self).__name__} grows masks its own way; it has no per-entry scores")
 
-    def before_step(self, weights: Sequence[Tensor]) -> None:
-        """Called before every optimizer step once the pruner is attached to the optimizer (a score accumulated
-        during training updates itself here). Nothing, for scores computed from the weights at each update."""
+    def bind(self, pruner: Pruner) -> None:
+        """Called once by the :class:`~lightning_compress.pruning.pruner.Pruner` that owns this score, when it is
+        built (a score with state per weight allocates it here, beside the pruner's local tensors)."""
+
+    def before_step(self, pruner: Pruner, held: Sequence[int]) -> None:
+        """Called once per optimizer step once the pruner is attached to the optimizer, when the step's gradients
+        are final (after the optimizer's closure, when it is given one) and before the weights change, with the
+        positions (in ``pruner.names``) of the parameters that optimizer updates: a score accumulated during
+        training updates itself here. Nothing, for scores computed from the weights at each update."""
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint must hold to continue the same sequence of masks."""

@@ -142,23 +142,29 @@ def full_keep(parameter: Tensor, mask: Tensor) -> Tensor:
 
     Gathers the shards: every process takes part, and every process gets the full mask (1 byte per entry).
     """
-    keep = (mask != 0).to(torch.uint8)  # gloo gathers no bool
+    return full(parameter, (mask != 0).to(torch.uint8)).bool()  # gloo gathers no bool
+
+
+def full(parameter: Tensor, values: Tensor) -> Tensor:
+    """The full tensor of per-entry ``values`` laid out as ``parameter``, from this process's part of them (shaped as
+    its local tensor), on the CPU. Gathers the shards: every process takes part, and every process gets it all."""
     if not is_sharded(parameter):
-        return keep.bool().cpu()
+        return values.cpu()
     shards = DTensor.from_local(
-        keep,
+        values,
         parameter.device_mesh,
         parameter.placements,
         run_check=False,
         shape=parameter.shape,
         stride=parameter.stride(),
     )
-    return shards.full_tensor().bool().cpu()
+    return shards.full_tensor().cpu()
 
 
-def local_keep(full: Tensor, part: Part, shard: Tensor) -> Tensor:
-    """This process's ``part`` of the full bool mask ``full``, shaped as its local tensor ``shard``."""
-    return full.reshape(-1)[part.offset : part.offset + shard.numel()].reshape(shard.shape)
+def local_keep(whole_tensor: Tensor, part: Part, shard: Tensor) -> Tensor:
+    """This process's ``part`` of a full per-entry tensor (a bool mask, scores), shaped as its local tensor
+    ``shard``."""
+    return whole_tensor.reshape(-1)[part.offset : part.offset + shard.numel()].reshape(shard.shape)
 
 
 def global_zero_counts(tensors: Sequence[Tensor], parts: Sequence[Part], collective: Collective) -> list[int]:

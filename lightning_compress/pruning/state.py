@@ -75,6 +75,9 @@ def resumed_state(
     legacy = legacy_state(callback_states, prefix, callback.parameters, callback.exclude, callback.modules)
     if legacy is not None:
         return legacy
+    sibling = sibling_state(callback_states, callback.state_key, prefix)
+    if sibling is not None:
+        return sibling
     foreign = [key for key in callback_states if key.startswith(prefix) and key not in ours]
     if foreign:
         raise ValueError(
@@ -84,6 +87,28 @@ def resumed_state(
             "and start a new fit without `ckpt_path`."
         )
     return None
+
+
+#: The pruning callbacks whose states another one continues from (same parameters, another score).
+PRUNING_CALLBACKS = ("MagnitudePruning", "MovementPruning")
+
+
+def sibling_state(callback_states: Mapping[str, Any], state_key: str, prefix: str) -> dict[str, Any] | None:
+    """The state another pruning callback class saved for the same parameters (``MagnitudePruning`` when resuming
+    with ``MovementPruning``, say), marked with the class it came from under ``"resumed_from"``; else ``None``.
+    Its masks and schedule continue: without them the weights it pruned would grow back."""
+    selection = state_key[len(prefix) :]
+    for other in PRUNING_CALLBACKS:
+        if other != prefix and other + selection in callback_states:
+            return {**callback_states[other + selection], "resumed_from": other}
+    return None
+
+
+def resumed_from_another_callback(owner: str, other: str) -> str:
+    return (
+        f"{owner} resumes from the state {other} saved for the same parameters: it continues from its masks and "
+        "schedule (weights pruned so far stay pruned) and scores the weights its own way from now on."
+    )
 
 
 def callback_state(settings: Mapping[str, Any], *parts: Mapping[str, Any] | None) -> dict[str, Any]:

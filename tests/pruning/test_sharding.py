@@ -71,9 +71,12 @@ def _oracle_masks(case: str, initial: dict[str, torch.Tensor]) -> dict[str, torc
 
 @pytest.mark.parametrize("layout", ["fsdp", "hsdp"])
 def test_sharded_masks_equal_the_oracle_on_the_gathered_initial_weights(tmp_path, layout):
-    cases = ["l1_global", "l1_layerwise", "random", "ln_dim0", "ln_dim1"]
+    cases = ["l1_global", "l1_layerwise", "random", "ln_dim0", "ln_dim1", "movement"]
     results = _fsdp_results(tmp_path, layout, *cases)
     for case, (rank0, rank1) in results.items():
+        if case == "movement":
+            _check_sharded_movement(rank0, rank1)
+            continue
         oracle = _oracle_masks(case, rank0["initial"])
         assert list(rank0["masks"]) == list(oracle) == ["net.0.weight", "net.2.weight", "net.4.weight"]
         for name, expected in oracle.items():
@@ -97,6 +100,23 @@ def test_sharded_masks_equal_the_oracle_on_the_gathered_initial_weights(tmp_path
         assert rank0["history"][-1]["sparsity"] == pytest.approx(
             float(sum((~m).sum() for m in oracle.values()) / sum(m.numel() for m in oracle.values()))
         )
+
+
+def _check_sharded_movement(rank0, rank1):
+    """Scores beside the shards are one process's: the gathered scores equal the oracle's sums of the gathered
+    -g * w, and the masks prune the lowest of them as they stood at the update (after 6 steps)."""
+    from helpers import assert_masks_prune_the_lowest
+
+    gathered, oracle = rank0["gathered_scores"], rank0["oracle_scores"]
+    assert list(gathered) == list(oracle) == ["net.0.weight", "net.2.weight", "net.4.weight"]
+    assert rank1["gathered_scores"] == {}  # kept on rank zero only, as the masks
+    for name, score in gathered.items():
+        torch.testing.assert_close(score.double(), oracle[name], rtol=1e-4, atol=1e-9)
+        assert rank0["local_scores"][name].shape == rank0["local_masks"][name].shape
+    for rank in (rank0, rank1):
+        assert_masks_prune_the_lowest(rank["masks"], rank0["oracle_snapshot"], 0.6, "global")
+        for name, keep in rank["masks"].items():
+            assert not rank0["final"][name][~keep].any(), name
 
 
 @pytest.mark.parametrize("checkpoint_format", ["dcp", "full"])
