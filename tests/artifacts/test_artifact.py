@@ -108,9 +108,10 @@ def test_when_no_form_reproduces_nothing_is_left_at_the_path_not_even_an_older_f
     quantized = quantize_dynamic_copy(model, torch.qint8, {nn.Linear, nn.GRUCell})
     (tmp_path / "m.ts").write_bytes(b"an artifact of an earlier run")
     inputs = [ModelInput((torch.randn(8, 3, 4),)), ModelInput((torch.randn(8, 5, 4),))]
-    with pytest.raises(ArtifactMismatch, match=r"trace: .*float32\[8, 5, 4\].*did not record.*; script: "):
+    with pytest.raises(ArtifactMismatch, match=r"trace: .*float32\[8, 5, 4\].*did not record.*; script: ") as error:
         write_verified(quantized, tmp_path / "m.ts", inputs, reference=model)
     assert list(tmp_path.iterdir()) == []
+    assert f"the older file at {tmp_path / 'm.ts'} was removed" in str(error.value)  # said, not silent
 
 
 def test_an_optional_input_given_on_some_calls_only_is_taken_by_the_script_form(tmp_path):
