@@ -153,8 +153,9 @@ def _export(module: nn.Module, named: dict[str, Tensor], dynamic: dict, outputs:
                 dynamic_shapes=dynamic,
                 dynamo=True,
                 verbose=False,
-                # quant_pre_process optimizes the graph next; the exporter's own pass would take as long again
-                optimize=False,
+                # the exporter's optimizer folds the gate reordering of an LSTM's weights (Slice/Concat of
+                # initializers) into initializers; without it ORT's quantizer leaves the LSTM in float
+                optimize=True,
             )
             program.save(path)
     except Exception as error:
