@@ -139,72 +139,92 @@ def write_verified(
     candidate: tuple[str, Written] | None = None  # a trace kept in reserve (see the docstring)
     try:
         for i, form in enumerate(forms):
-            made = FORMATS[form]
-            quantizes = getattr(made, "QUANTIZES", False)
-            target = reference if quantizes and reference is not None else model
-            others = [i for e in inputs[:1] for i in other_shapes(target, e)]
             scratch = _scratch(folder, path)
             try:
-                with warnings.catch_warnings(record=True) as caught:
-                    warnings.simplefilter("always")
-                    archive, _ = made.make(target, form, [*inputs, *others] if quantizes else inputs, metadata)
-                doubts = _tracer_doubts(caught)
-                data = compressed.encode(archive, {**metadata, "form": form}) if compress else archive
-                with open(scratch, "xb") as f:
-                    f.write(data)
-                loaded = load_quantized(scratch, max_bytes=_UNBOUNDED)
-                call = made.artifact_call(target, loaded, form)
-                tolerance = made.INT8_RTOL if quantizes else None
-                reference_form = None if quantizes else _reference(reference, form, inputs[0])
-                checked = CheckedArtifact(target, call, reference_form, tolerance)
-                for example in [*inputs, *others]:
-                    if example.signature() not in checked.templates:  # one call of each signature is compared
-                        checked(*example.args, **example.kwargs)
-                before = checked.calls
-                measured = measure(checked) if measure is not None else None
-                calls = checked.calls - before
+                written, doubts = _write_form(form, model, reference, inputs, scratch, compress, metadata, measure)
             except (FormError, ArtifactMismatch) as error:
                 rejected[form] = str(error)
             except Exception as error:  # the form itself, or the model's code run on it, failed
                 rejected[form] = short_error(error)
             else:
-                written = Written(
-                    form, len(data), checked.compared, measured, calls, dict(rejected), _Calling(call), tolerance
-                )
                 written.replaced = replaced
-                if doubts and i + 1 < len(forms):
-                    candidate = (scratch, written)  # kept on disk until a later form reproduces, or not
+                if doubts:
                     written.caveat = (
                         f"torch warned that the trace might not generalize ({', '.join(doubts)}); it reproduces the "
                         f"model on the shapes it was verified on: {_shapes(written.compared)}"
                     )
-                    continue
+                    if i + 1 < len(forms):
+                        candidate = (scratch, written)  # kept on disk until a later form reproduces, or not
+                        continue
                 if candidate is not None:
                     rejected[candidate[1].form] = (
                         f"reproduced the model on the shapes seen, but {candidate[1].caveat.split(';')[0]}; the "
                         f"{form} form keeps that code's dependence on shapes"
                     )
-                    written.rejected = dict(rejected)
-                os.replace(scratch, path)
-                return written
-            finally:
-                if os.path.exists(scratch) and (candidate is None or candidate[0] != scratch):
-                    os.remove(scratch)
+                    candidate = _removed(candidate[0])
+                return _kept(scratch, path, written, rejected)
+            _removed(scratch)
         if candidate is not None:
             scratch, written = candidate
-            os.replace(scratch, path)
             candidate = None
-            written.rejected = dict(rejected)
-            warnings.warn(f"the artifact at {path} is a trace: {written.caveat}", UserWarning, stacklevel=2)
-            return written
+            return _kept(scratch, path, written, rejected)
     finally:
-        if candidate is not None and os.path.exists(candidate[0]):
-            os.remove(candidate[0])
+        if candidate is not None:
+            _removed(candidate[0])
     if os.path.exists(path):
         os.remove(path)  # an older artifact there is not this model's
     reasons = "; ".join(f"{form}: {reason}" for form, reason in rejected.items())
     older = f"; the older file at {path} was removed, as it is not this model's artifact" if replaced else ""
     raise ArtifactMismatch(f"no artifact form reproduces the model ({reasons}){older}")
+
+
+def _write_form(
+    form: str,
+    model: nn.Module,
+    reference: nn.Module | None,
+    inputs: Sequence[ModelInput],
+    scratch: str,
+    compress: bool,
+    metadata: dict[str, Any],
+    measure: Callable[[CheckedArtifact], Any] | None,
+) -> tuple[Written, list[str]]:
+    """One form made, written to ``scratch``, loaded back and compared (see :func:`write_verified`); what it kept,
+    and where the user's code raised TracerWarnings while it was made."""
+    made = FORMATS[form]
+    quantizes = getattr(made, "QUANTIZES", False)  # the format quantizes the float model itself (ONNX)
+    target = reference if quantizes and reference is not None else model
+    others = [other for example in inputs[:1] for other in other_shapes(target, example)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        archive, _ = made.make(target, form, [*inputs, *others] if quantizes else inputs, metadata)
+    doubts = _tracer_doubts(caught)
+    data = compressed.encode(archive, {**metadata, "form": form}) if compress else archive
+    with open(scratch, "xb") as f:
+        f.write(data)
+    loaded = load_quantized(scratch, max_bytes=_UNBOUNDED)
+    call = made.artifact_call(target, loaded, form)
+    tolerance = made.INT8_RTOL if quantizes else None
+    checked = CheckedArtifact(target, call, None if quantizes else _reference(reference, form, inputs[0]), tolerance)
+    for example in [*inputs, *others]:
+        if example.signature() not in checked.templates:  # one call of each signature is compared
+            checked(*example.args, **example.kwargs)
+    before = checked.calls
+    measured = measure(checked) if measure is not None else None
+    calls = checked.calls - before
+    return Written(form, len(data), checked.compared, measured, calls, {}, _Calling(call), tolerance), doubts
+
+
+def _kept(scratch: str, path: str, written: Written, rejected: dict[str, str]) -> Written:
+    os.replace(scratch, path)
+    written.rejected = dict(rejected)
+    if written.caveat:
+        warnings.warn(f"the artifact at {path} is a trace: {written.caveat}", UserWarning, stacklevel=3)
+    return written
+
+
+def _removed(scratch: str) -> None:
+    if os.path.exists(scratch):
+        os.remove(scratch)
 
 
 def default_forms(path: str | os.PathLike, artifact_format: str | None = None) -> tuple[str, ...]:

@@ -116,6 +116,29 @@ def test_an_onnx_file_keeps_the_batch_dynamic_where_a_trace_recorded_it(tmp_path
         assert (loaded(x) - expected).abs().max() <= INT8_RTOL * expected.abs().max()
 
 
+class ScaledScriptable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.linear(x) / float(x.shape[-1]) ** 0.5
+
+
+def test_a_tracer_warning_in_the_users_code_prefers_the_script_form_when_it_reproduces(tmp_path):
+    model = ScaledScriptable()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        written = write_verified(
+            _quantized(model), tmp_path / "m.ts", [ModelInput((torch.randn(4, 8),))], reference=model
+        )
+    assert written.form == "script" and written.caveat is None
+    assert "torch warned that the trace might not generalize (test_artifact_kinds.py:" in written.rejected["trace"]
+    assert not [w for w in caught if "generalize" in str(w.message)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.ts"]
+
+
 def test_a_trace_kept_despite_a_tracer_warning_in_the_users_code_says_so_in_one_line(tmp_path):
     model = Scaled()
     with warnings.catch_warnings(record=True) as caught:
@@ -167,7 +190,9 @@ def test_a_damaged_artifact_is_refused_naming_what_is_damaged(tmp_path):
         load_quantized(tmp_path / "m.ts")
     # the code of the archive, another kind of member
     _flip(tmp_path / "q.ts", _member_data(tmp_path / "q.ts", "/code/"))
-    with pytest.raises(ArtifactError, match=r"damaged: its member '.*code/.*' (does not match the CRC-32|cannot be read)"):
+    with pytest.raises(
+        ArtifactError, match=r"damaged: its member '.*code/.*' (does not match the CRC-32|cannot be read)"
+    ):
         load_quantized(tmp_path / "q.ts")
     # ONNX: the graph's SHA-256 in our header
     save_quantized(model, x, tmp_path / "m.onnx")
