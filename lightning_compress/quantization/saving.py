@@ -1,7 +1,8 @@
 """The artifact of a fit: written to ``save_path`` only when, reloaded from disk, it reproduces the quantized model
 on every input the run compared and on every call of the run's own evaluation, which measures it
-(:func:`lightning_compress.artifacts.write_verified`); its figures (``quantization/<metric>_artifact``, the
-compressed size) and the summary's lines about it. Before training, :func:`rehearse` does the same into a scratch
+(:func:`lightning_compress.artifacts.write_verified`); its figures (``quantization/<metric>_artifact``, its size
+and latency, the compressed size) and the summary's lines about it (why a file larger than the float state dict
+is, measured). Before training, :func:`rehearse` does the same into a scratch
 folder, and checks that ``save_path``'s folder can be written.
 
 Knows nothing of how the model was quantized: the callback passes the quantized model, the float model it came
@@ -17,6 +18,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torchmetrics
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
@@ -163,6 +165,8 @@ def plain_tensor_attributes(model: nn.Module) -> list[tuple[str, int]]:
     buffer), largest first; a tensor shared by several modules counted once."""
     found: dict[int, tuple[str, int]] = {}
     for prefix, module in model.named_modules():
+        if isinstance(module, torchmetrics.Metric):  # its states are attributes, but no forward uses them
+            continue
         for key, value in vars(module).items():
             if isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter) and id(value) not in found:
                 name = f"{prefix}.{key}" if prefix else key
