@@ -83,8 +83,7 @@ def make(model: nn.Module, form: str, inputs: Sequence[ModelInput], metadata: di
             "(save_quantized(float_model, ..., 'model.onnx'))"
         )
     model.eval()
-    example = inputs[0]
-    named = named_inputs(model.forward, example)
+    named = named_inputs(model.forward, inputs[0])
     for name, value in named.items():
         if not isinstance(value, Tensor):
             raise FormError(
@@ -92,12 +91,17 @@ def make(model: nn.Module, form: str, inputs: Sequence[ModelInput], metadata: di
                 "Leave it at its default in the calls, or pass it as a tensor"
             )
     with torch.inference_mode():
-        structure, leaves = _flatten(plain_outputs(example(model)))
+        structure, leaves = _flatten(plain_outputs(inputs[0](model)))
     names = list(named)
+    dynamic = _dynamic_shapes(model, names, inputs)
+    # exported on an input whose dynamic dimensions are all 2 or more: torch.export specializes a dimension of
+    # size 1 (an example_input_array of one row would fix the batch at 1)
+    example = next((i for i in inputs if _fits(model, i, names, dynamic)), inputs[0])
+    named = named_inputs(model.forward, example)
     flat = _Flat(forward_adapter(model, example)[0], names)
     with tempfile.TemporaryDirectory() as folder:
         exported = os.path.join(folder, "float.onnx")
-        _export(flat, named, _dynamic_shapes(model, names, inputs), len(leaves), exported)
+        _export(flat, named, dynamic, len(leaves), exported)
         _check_float(model, exported, inputs, structure)
         data = _quantized(exported, folder)
     header = {
@@ -139,6 +143,13 @@ def _dynamic_shapes(model: nn.Module, names: list[str], inputs: Sequence[ModelIn
         dims |= {d for d in range(len(first)) if len({s[d] for s in shapes if len(s) == len(first)}) > 1}
         dynamic[name] = {d: Dim.DYNAMIC for d in sorted(dims)}
     return dynamic
+
+
+def _fits(model: nn.Module, inputs: ModelInput, names: list[str], dynamic: dict[str, dict[int, Any]]) -> bool:
+    named = named_inputs(model.forward, inputs)
+    return list(named) == names and all(
+        isinstance(named[n], Tensor) and named[n].shape[d] >= 2 for n, dims in dynamic.items() for d in dims
+    )
 
 
 def _export(module: nn.Module, named: dict[str, Tensor], dynamic: dict, outputs: int, path: str) -> None:
