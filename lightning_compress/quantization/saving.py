@@ -143,8 +143,10 @@ def _quantizes(forms: Sequence[str] | None) -> bool:
 def _why_larger(path: str, size: int, size_mb_before: float, model: nn.Module) -> str:
     """Why the file is larger than the float state dict, measured: the tensors the model holds as plain attributes
     (not parameters or buffers, so not in the state dict), which TorchScript stores as constants."""
-    held = plain_tensor_attributes(model)
     constants = _constants_bytes(path)
+    held = plain_tensor_attributes(model)
+    if constants is not None:  # TorchScript stores only the attributes its code uses, as constants
+        held = [(name, nbytes) for name, nbytes in held if 0 < nbytes <= constants]
     what = (
         "tensors held as plain attributes, outside the state dict, stored in the file as constants: "
         + ", ".join(f"{name} ({nbytes / 1e6:.3f} MB)" for name, nbytes in held[:5])
@@ -174,9 +176,9 @@ def plain_tensor_attributes(model: nn.Module) -> list[tuple[str, int]]:
     return sorted(found.values(), key=lambda item: -item[1])
 
 
-def _constants_bytes(path: str) -> int:
-    """Bytes of a TorchScript archive's ``constants/`` storages (0 for another format)."""
+def _constants_bytes(path: str) -> int | None:
+    """Bytes of a TorchScript archive's ``constants/`` storages (``None`` for another format)."""
     if not zipfile.is_zipfile(path):
-        return 0
+        return None
     with zipfile.ZipFile(path) as z:
         return sum(i.file_size for i in z.infolist() if "/constants/" in i.filename)
