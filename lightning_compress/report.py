@@ -43,6 +43,8 @@ LATENCY_AFTER = "quantization/latency_ms_after"
 SPARSITY_BEFORE = "quantization/sparsity_before"
 SPARSITY_AFTER = "quantization/sparsity_after"
 SIZE_COMPRESSED = "quantization/size_mb_compressed"
+SIZE_ARTIFACT = "quantization/size_mb_artifact"
+LATENCY_ARTIFACT = "quantization/latency_ms_artifact"
 KERNEL_SPEEDUP_PREFIX = "quantization/kernel_speedup/"
 QUANTIZATION_COVERAGE = "quantization/coverage"
 
@@ -210,10 +212,22 @@ def artifact_lines(
     """The summary's lines about an artifact that was written and measured (``written``: a
     :class:`lightning_compress.artifacts.Written`): its form and size, on how many input shapes it was compared,
     its metrics, and why an earlier form was not kept."""
+    shapes = ", ".join(written.compared[:6]) + (
+        f" and {len(written.compared) - 6} more" if len(written.compared) > 6 else ""
+    )
+    if written.tolerance is not None:
+        against = (
+            f"the float model, within {written.tolerance:.0%} of each output's largest magnitude (ONNX Runtime "
+            "quantized it)"
+        )
+    else:
+        against = "the quantized model"
     lines = [
         f"artifact: {path} ({written.form} form, {written.size / 1e6:.3f} MB), reloaded from disk and compared with "
-        f"the quantized model on {len(written.compared)} input shape(s)"
+        f"{against} on {len(written.compared)} input shape(s): {shapes}"
     ]
+    if written.caveat:
+        lines.append(f"artifact: {written.caveat}")
     if metrics:
         ordered = sorted(metrics, key=lambda name: name != headline)
         lines.append(

@@ -6,12 +6,15 @@
 * :mod:`~lightning_compress.artifacts.loading`: :func:`load_quantized`, the one entry for every format (chosen by
   the file's header or suffix), and :func:`load_compressed`;
 * :mod:`~lightning_compress.artifacts.torchscript`: the TorchScript format (trace and script forms, its header);
+* :mod:`~lightning_compress.artifacts.onnx_format`: the ONNX format (the float model exported, quantized by ONNX
+  Runtime; needs the ``[onnx]`` extra, imported lazily);
 * :mod:`~lightning_compress.artifacts.compressed`: the compressed codec over a TorchScript archive;
 * :mod:`~lightning_compress.artifacts.verification`: whether an artifact reproduces its model, and how closely;
 * :mod:`~lightning_compress.artifacts.headers`: our JSON headers read as untrusted input, and :class:`ArtifactError`,
   the one error of every failure to load.
 
-Needs only torch: a serving process imports this package without Lightning or the training code.
+Needs only torch (and the ``[onnx]`` extra for ONNX files): a serving process imports this package without
+Lightning or the training code.
 """
 
 from lightning_compress.artifacts.headers import ArtifactError

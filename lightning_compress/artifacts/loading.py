@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from lightning_compress.artifacts import compressed, torchscript
+from lightning_compress.artifacts import compressed, onnx_format, torchscript
 from lightning_compress.artifacts.compressed import DEFAULT_MAX_BYTES
 from lightning_compress.artifacts.headers import ArtifactError
 
@@ -32,9 +32,11 @@ class Reader:
     load: Callable[[bytes, str, int], Any]
 
 
-def load_quantized(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> torch.jit.ScriptModule:
+def load_quantized(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> torch.nn.Module:
     """Load an artifact written by ``DynamicQuantization(save_path=...)``, :func:`save_quantized` or
-    :func:`save_compressed`. Needs only torch: not the training code, not Lightning.
+    :func:`save_compressed`. Needs only torch: not the training code, not Lightning (an ONNX artifact also needs
+    the ``[onnx]`` extra; it returns a module that runs an ``onnxruntime.InferenceSession`` with
+    ``torch.get_num_threads()`` intra-op threads, called as the model's forward was, returning torch tensors).
 
     The quantized weights are packed for the quantized engine recorded in the artifact (``x86``, ``fbgemm``,
     ``qnnpack``, ...: ``torch.backends.quantized.engine`` when it was saved), so it computes what was measured;
@@ -78,6 +80,10 @@ def _read(source: str) -> bytes:
         return f.read()
 
 
+def _load_onnx(data: bytes, source: str, max_bytes: int) -> torch.nn.Module:
+    return onnx_format.load(data, source)
+
+
 def _load_archive(data: bytes, source: str, max_bytes: int) -> torch.jit.ScriptModule:
     return torchscript.load(io.BytesIO(data), source)
 
@@ -86,5 +92,6 @@ def _load_archive(data: bytes, source: str, max_bytes: int) -> torch.jit.ScriptM
 #: its header check says what a file that is not an artifact is (a ``torch.save`` pickle, another zip, ...).
 READERS: tuple[Reader, ...] = (
     Reader(lambda path, head: compressed.is_compressed(head), _load_compressed),
+    Reader(lambda path, head: head[:2] != b"PK" and onnx_format.is_onnx(path, head), _load_onnx),
     Reader(lambda path, head: True, _load_archive),
 )

@@ -28,7 +28,7 @@ import contextlib
 import io
 import json
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, BinaryIO
 
 import torch
@@ -46,9 +46,10 @@ FORMS = ("trace", "script")
 _HEADER = "lightning_compress.json"
 
 
-def make(model: nn.Module, form: str, example: ModelInput, metadata: dict[str, Any]) -> tuple[bytes, list]:
-    """The bytes of a TorchScript archive of ``model`` in ``form``, with our header, and the inputs it takes."""
-    scripted = make_form(model, form, example)
+def make(model: nn.Module, form: str, inputs: Sequence[ModelInput], metadata: dict[str, Any]) -> tuple[bytes, list]:
+    """The bytes of a TorchScript archive of ``model`` in ``form`` (traced on ``inputs[0]``), with our header, and
+    the inputs it takes."""
+    scripted = make_form(model, form, inputs[0])
     names = _input_names(scripted)
     header = {
         "format": FORMAT,
@@ -196,6 +197,8 @@ def load(archive: BinaryIO, source: str) -> torch.jit.ScriptModule:
     was made with; every failure is an :class:`ArtifactError`."""
     header = read_header(archive, source)
     archive.seek(0)
+    _check_members(archive, source)
+    archive.seek(0)
     engine = header.get("engine")
     if engine is not None and engine not in torch.backends.quantized.supported_engines:
         raise ArtifactError(
@@ -209,6 +212,22 @@ def load(archive: BinaryIO, source: str) -> torch.jit.ScriptModule:
     except Exception as error:  # whatever TorchScript raises on a damaged archive
         raise ArtifactError(f"{source} could not be loaded by TorchScript ({short_error(error)})") from error
     return module.eval()
+
+
+def _check_members(archive: BinaryIO, source: str) -> None:
+    """Every member against the CRC-32 the zip recorded for it when it was written: a flipped byte in a weight's
+    storage is refused, naming the member, instead of loading as different weights (TorchScript does not check)."""
+    with zipfile.ZipFile(archive) as z:
+        for info in z.infolist():
+            try:
+                with z.open(info) as member:  # zipfile checks the CRC-32 as the member is read to its end
+                    while member.read(1 << 20):
+                        pass
+            except Exception as error:  # a bad CRC, or a compressed member whose stream is broken
+                what = "does not match the CRC-32 recorded when it was written"
+                if "CRC" not in str(error):
+                    what = f"cannot be read ({short_error(error)})"
+                raise ArtifactError(f"{source} is damaged: its member {info.filename!r} {what}") from error
 
 
 @contextlib.contextmanager

@@ -68,10 +68,17 @@ class Comparison:
     actual: Any = None  # the artifact's output, plain
 
 
-def compare(model: nn.Module, artifact: Call, inputs: ModelInput, reference: Reference | None = None) -> Comparison:
+def compare(
+    model: nn.Module,
+    artifact: Call,
+    inputs: ModelInput,
+    reference: Reference | None = None,
+    tolerance: float | None = None,
+) -> Comparison:
     """Compare ``artifact`` (a call that runs the artifact as ``model`` is called) with ``model`` on ``inputs``.
 
-    Without ``reference``, the artifact must agree to float precision.
+    Without ``reference``, the artifact must agree to float precision; with ``tolerance``, each floating output
+    within that fraction of its largest magnitude (an artifact quantized by another runtime than ``model``).
     """
     where = inputs.describe()
     with torch.inference_mode():
@@ -88,7 +95,11 @@ def compare(model: nn.Module, artifact: Call, inputs: ModelInput, reference: Ref
         return Comparison(f"on inputs {where} its outputs have another structure or shape than the model's", raw)
     if all(d.value == 0 for d in differences):
         return Comparison(None, raw, actual)
-    tolerances, noisy, reason = _tolerances(expected, differences, inputs, reference)
+    if tolerance is not None:
+        leaves = [value for _, value in _leaves(expected)]
+        tolerances, noisy, reason = [tolerance * _scale(v) for v in leaves], False, None
+    else:
+        tolerances, noisy, reason = _tolerances(expected, differences, inputs, reference)
     if reason is not None:
         return Comparison(reason, raw, actual)
     for difference, tolerance in zip(differences, tolerances):
@@ -111,8 +122,10 @@ class CheckedArtifact:
     Raises :class:`ArtifactMismatch` at the first input on which it does not reproduce.
     """
 
-    def __init__(self, model: nn.Module, artifact: Call, reference: Reference | None = None) -> None:
-        self.model, self.artifact, self.reference = model, artifact, reference
+    def __init__(
+        self, model: nn.Module, artifact: Call, reference: Reference | None = None, tolerance: float | None = None
+    ) -> None:
+        self.model, self.artifact, self.reference, self.tolerance = model, artifact, reference, tolerance
         self.templates: dict[Any, Any] = {}
         self.compared: list[str] = []
         self.calls = 0
@@ -122,7 +135,7 @@ class CheckedArtifact:
         self.calls += 1
         key = inputs.signature()
         if key not in self.templates and len(self.templates) < MAX_COMPARED:
-            result = compare(self.model, self.artifact, inputs, self.reference)
+            result = compare(self.model, self.artifact, inputs, self.reference, self.tolerance)
             if result.reason is not None:
                 raise ArtifactMismatch(result.reason)
             self.templates[key] = result.expected
@@ -245,3 +258,44 @@ def _tolerances(
         max(level, error + d.value) for level, error, d in zip(float_level, quantization_error, float_differences)
     ]
     return tolerances, True, None
+
+
+def other_shapes(model: nn.Module, inputs: ModelInput) -> list[ModelInput]:
+    """Real inputs of other shapes made from ``inputs``, on which ``model`` runs: its first row alone, its rows with
+    the first one appended (batch + 1), where every tensor input shares its first dimension; and its first half
+    along dimension 1 (fewer time steps or tokens), where every tensor input of two or more dimensions shares it.
+
+    A trace records the shapes of the input it ran on (``torch.zeros(1, len(x), 32)`` or a loop over
+    ``x.shape[1]`` become constants); comparing it on these as well finds that on real data, whatever shapes
+    validation happened to use. A candidate the model itself does not take (a forward made for one batch size, an
+    image's channels) is left out.
+    """
+    tensors = [v for v in (*inputs.args, *inputs.kwargs.values()) if isinstance(v, Tensor)]
+    if not tensors or any(t.dim() == 0 for t in tensors):
+        return []
+    candidates = []
+    batch = tensors[0].shape[0]
+    if batch >= 1 and all(t.shape[0] == batch for t in tensors):
+        if batch > 1:
+            candidates.append(_changed(inputs, lambda t: t[:1].clone()))
+        candidates.append(_changed(inputs, lambda t: torch.cat([t, t[:1]])))
+    wide = [t for t in tensors if t.dim() >= 2]
+    steps = wide[0].shape[1] if wide else 0
+    if steps >= 2 and all(t.shape[1] == steps for t in wide):
+        candidates.append(_changed(inputs, lambda t: t[:, : steps // 2].clone() if t.dim() >= 2 else t))
+    taken = []
+    for candidate in candidates:
+        try:
+            with torch.inference_mode():
+                candidate(model)
+        except Exception:  # not an input this model takes: nothing to learn from it
+            continue
+        taken.append(candidate)
+    return taken
+
+
+def _changed(inputs: ModelInput, change: Callable[[Tensor], Tensor]) -> ModelInput:
+    def each(value: Any) -> Any:
+        return change(value) if isinstance(value, Tensor) else value
+
+    return ModelInput(tuple(each(v) for v in inputs.args), {k: each(v) for k, v in inputs.kwargs.items()})

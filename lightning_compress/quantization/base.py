@@ -30,6 +30,7 @@ from torch.distributed.tensor import DTensor
 
 from lightning_compress import compat, report
 from lightning_compress.artifacts.verification import short_error
+from lightning_compress.artifacts.writing import default_forms
 from lightning_compress.inputs import ModelInput
 from lightning_compress.protocols import PruningCallback, QuantizedMetricsPlot, SummaryLines
 from lightning_compress.quantization import figures, isolation, measure, outcomes, saving
@@ -91,6 +92,7 @@ class QuantizationCallback(Callback):
         self.monitor = config.monitor
         self.exclude = config.exclude
         self.shrink = config.shrink
+        self.artifact_format = config.artifact_format
 
         self.quantized_model: nn.Module | None = None
         self.results: dict[str, float] = {}
@@ -144,6 +146,11 @@ class QuantizationCallback(Callback):
     def _why_an_input_is_needed(self) -> str | None:
         """What needs one real input batch even without evaluation (``"save_path=...) traces the model"``)."""
         return "save_path=...) traces the model" if self.save_path is not None else None
+
+    @property
+    def _artifact_forms(self) -> tuple[str, ...]:
+        """The artifact forms tried for ``save_path`` (by ``artifact_format``, else its suffix)."""
+        return default_forms(self.save_path or "", self.artifact_format)
 
     # ------------------------------------------------------------------ before training: fail fast
     @property
@@ -242,7 +249,14 @@ class QuantizationCallback(Callback):
                 measure = self._artifact_measure(trainer, quantized, run.source)
                 metadata = self._artifact_metadata()
                 saving.rehearse(
-                    self.save_path, quantized, run.to_quantize, run.compared, self.compress, metadata, measure
+                    self.save_path,
+                    quantized,
+                    run.to_quantize,
+                    run.compared,
+                    self.compress,
+                    metadata,
+                    measure,
+                    self._artifact_forms,
                 )
             return
         self._finish(trainer, run, quantized, after)
@@ -300,12 +314,13 @@ class QuantizationCallback(Callback):
         comparison, layers, results = self._measure(trainer, run, quantized, after)
         if run.copy_report.describe():
             run.notes.append(run.copy_report.describe())
+        # kept before the artifact stage, so that nothing it raises can take them away
+        self.quantized_model, self.comparison, self.results = quantized, comparison, results
         if self.save_path is not None:
             with _timed(run.stages, "save artifact", self._name):
-                measured, lines = self._save(trainer, run, quantized)
+                measured, lines = self._save(trainer, run, quantized, results)
             results.update(measured)
             run.notes += lines
-        self.quantized_model, self.comparison, self.results = quantized, comparison, results
         self.layers, self.stage_seconds, self.kept_float = layers, run.stages, run.refused
         self.quantized_layers = [layer.name for layer in layers if layer.quantized]
         report.log_to_loggers(trainer, results)
@@ -349,22 +364,37 @@ class QuantizationCallback(Callback):
         sparsity, self.layer_sparsity = _sparsity(trainer, run.float_model, quantized)
         return comparison, layers, {**results, **sparsity}
 
-    def _save(self, trainer: pl.Trainer, run: _Run, quantized: nn.Module) -> tuple[dict[str, float], list[str]]:
+    def _save(
+        self, trainer: pl.Trainer, run: _Run, quantized: nn.Module, results: dict[str, float]
+    ) -> tuple[dict[str, float], list[str]]:
+        """The artifact stage; whatever fails in it is a warning: the figures measured and ``quantized_model``
+        stay (a late failure never destroys them)."""
         # As Lightning's own checkpointing: nothing is written by a fast_dev_run or while sanity checking.
         if trainer.fast_dev_run or trainer.sanity_checking:
             rank_zero_info(f"{self._name}: fast_dev_run, so no artifact is written to {self.save_path}")
             return {}, []
-        return saving.save(
-            self.save_path,
-            quantized,
-            run.to_quantize,
-            run.compared,
-            compress=self.compress,
-            metadata=self._artifact_metadata(),
-            measure=self._artifact_measure(trainer, quantized, None),
-            headline=run.headline,
-            owner=self._name,
-        )
+        try:
+            return saving.save(
+                self.save_path,
+                quantized,
+                run.to_quantize,
+                run.compared,
+                compress=self.compress,
+                metadata=self._artifact_metadata(),
+                measure=self._artifact_measure(trainer, quantized, None),
+                headline=run.headline,
+                owner=self._name,
+                forms=self._artifact_forms,
+                timed=run.timed if self.evaluate else [],
+                float_model=run.float_model,
+                size_mb_before=results.get(report.SIZE_BEFORE),
+            )
+        except Exception as error:
+            rank_zero_warn(
+                f"{self._name}: writing the artifact to {self.save_path} failed ({short_error(error, 300)}). Every "
+                "figure of the quantized model is measured and logged as usual, and `quantized_model` holds it."
+            )
+            return {}, [f"artifact: none written to {self.save_path} (it failed; see the warning)"]
 
     def _artifact_measure(self, trainer: pl.Trainer, quantized: nn.Module, source: Any) -> saving.Measure | None:
         """The artifact evaluated as ``_after`` is (see :meth:`.evaluation.Evaluator.artifact_measure`)."""

@@ -78,6 +78,10 @@ class DynamicQuantization(QuantizationCallback):
         shrink: before quantizing, remove the channels that structured pruning zeroed (see
             :func:`lightning_compress.shrink`), so that the artifact, the size and the latency are the shrunk model's.
             Needs ``pip install 'lightning_compress[shrink]'``.
+        artifact_format: the format of ``save_path``: ``"torchscript"`` (the quantized model, traced or scripted)
+            or ``"onnx"`` (the float model exported to ONNX and quantized by ONNX Runtime, int8 weights, see
+            :mod:`lightning_compress.artifacts.onnx_format`; needs ``pip install 'lightning_compress[onnx]'``);
+            ``None``: chosen by the suffix (``.onnx``: ONNX, anything else: TorchScript).
 
     Logged once at the end of fit, to every logger: ``quantization/<metric>_before``/``_after`` for each metric,
     ``quantization/accuracy_before``/``_after`` (the headline metric), ``quantization/size_mb_before``/``_after``
@@ -90,7 +94,9 @@ class DynamicQuantization(QuantizationCallback):
     the float and the quantized weights) over the parameters that a pruning callback reports
     (:class:`lightning_compress.protocols.PruningCallback`). With ``save_path``, the
     artifact reloaded from disk and evaluated as ``_after`` is: ``quantization/<metric>_artifact`` for each
-    metric and ``quantization/accuracy_artifact`` (the headline metric).
+    metric and ``quantization/accuracy_artifact`` (the headline metric), ``quantization/size_mb_artifact`` (the
+    file's bytes / 1e6) and ``quantization/latency_ms_artifact`` (median per batch, timed interleaved with the float
+    model on the same batches as ``_before``).
 
     After fit, ``layers`` lists every module that holds parameters as it ended (a
     :class:`~lightning_compress.quantization.outcomes.LayerOutcome`: its dtype in the quantized model and, for a
@@ -111,14 +117,29 @@ class DynamicQuantization(QuantizationCallback):
         monitor: str | None = None,
         exclude: Sequence[str] = (),
         shrink: bool = False,
+        artifact_format: Literal["torchscript", "onnx"] | None = None,
     ) -> None:
         own = DynamicConfig(dtype, modules, sparse_kernels)
         super().__init__(
             QuantizationConfig(
-                evaluate, metric, dataloader, save_path, baseline_accuracy, compress, monitor, exclude, shrink
+                evaluate,
+                metric,
+                dataloader,
+                save_path,
+                baseline_accuracy,
+                compress,
+                monitor,
+                exclude,
+                shrink,
+                artifact_format,
             )
         )
         self.dtype, self.modules, self.sparse_kernels = own.dtype, own.modules, own.sparse_kernels
+        if self._artifact_forms == ("onnx",) and self.dtype != "qint8":
+            raise ValueError(
+                f"`dtype={self.dtype!r}` with an ONNX artifact: ONNX Runtime's dynamic quantization writes int8 "
+                "weights only. Use dtype='qint8', or a TorchScript `save_path` (e.g. 'model.ts')"
+            )
         self.kernel_choices: dict[str, KernelChoice] = {}
 
     # ------------------------------------------------------------------ how to quantize

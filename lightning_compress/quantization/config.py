@@ -14,10 +14,11 @@ import importlib.util
 import numbers
 import os
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torchmetrics
 
+from lightning_compress.artifacts import onnx_format
 from lightning_compress.shrinking import SHRINK_HINT
 
 
@@ -35,6 +36,7 @@ class QuantizationConfig:
     monitor: str | None = None
     exclude: Sequence[str] = ()
     shrink: bool = False
+    artifact_format: Literal["torchscript", "onnx"] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.exclude, str):
@@ -52,6 +54,7 @@ class QuantizationConfig:
         if self.compress and self.save_path is None:
             raise ValueError("`compress=True` needs `save_path`: it is the format of the saved artifact")
         self.save_path = os.fspath(self.save_path) if self.save_path is not None else None
+        _check_artifact(self.save_path, self.artifact_format, self.compress)
         accuracy = self.baseline_accuracy
         if accuracy is not None and (isinstance(accuracy, bool) or not isinstance(accuracy, numbers.Real)):
             raise ValueError(f"`baseline_accuracy` must be None or a number, got {accuracy!r}")
@@ -61,3 +64,29 @@ class QuantizationConfig:
             raise ValueError(f"`shrink` must be True or False, got {self.shrink!r}")
         if self.shrink and importlib.util.find_spec("torch_pruning") is None:
             raise ValueError(f"`shrink=True`: {SHRINK_HINT}")
+
+
+def _check_artifact(save_path: str | None, artifact_format: str | None, compress: bool) -> None:
+    """``save_path`` names a file we can write, the format is one we write, and its extra is installed."""
+    if artifact_format not in (None, "torchscript", "onnx"):
+        raise ValueError(f"`artifact_format` must be None, 'torchscript' or 'onnx', got {artifact_format!r}")
+    if save_path is None:
+        if artifact_format is not None:
+            raise ValueError(f"`artifact_format={artifact_format!r}` needs `save_path`: it is the format of that file")
+        return
+    if not save_path or save_path.endswith(("/", os.sep)) or os.path.isdir(save_path):
+        what = "is empty" if not save_path else "is a folder" if os.path.isdir(save_path) else "ends with a separator"
+        raise ValueError(
+            f"`save_path={save_path!r}` {what}; it must name the artifact's file, e.g. 'model.ts' or 'model.onnx'"
+        )
+    onnx = artifact_format == "onnx" or (artifact_format is None and save_path.lower().endswith(".onnx"))
+    if onnx and compress:
+        raise ValueError(
+            "`compress=True` is a format of TorchScript artifacts; an ONNX file (`save_path` ending in .onnx or "
+            "`artifact_format='onnx'`) is written as ONNX Runtime quantized it. Drop `compress` or write a .ts file"
+        )
+    if onnx and onnx_format.missing_packages():
+        raise ValueError(
+            f"`save_path={save_path!r}` writes an ONNX artifact, which needs "
+            f"{', '.join(onnx_format.missing_packages())}: {onnx_format.EXTRA_HINT}"
+        )

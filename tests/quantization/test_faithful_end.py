@@ -93,7 +93,11 @@ def test_a_time_step_loop_validated_on_two_lengths_gets_an_artifact_that_was_mea
     assert results["quantization/val_acc_artifact"] == results["quantization/val_acc_after"]
     assert results["quantization/accuracy_artifact"] == results["quantization/val_acc_after"]
     summary = next(r.getMessage() for r in caplog.records if "lightning_compress summary" in r.getMessage())
-    assert "(script form" in summary and "compared with the quantized model on 2 input shape(s)" in summary
+    assert "(script form" in summary and "compared with the quantized model on 5 input shape(s)" in summary
+    # the two validation shapes, and shapes made from the first: one row, one more row, half the steps
+    assert "(float32[32, 5, 4]), (float32[32, 9, 4]), (float32[1, 5, 4]), (float32[33, 5, 4]), (float32[32, 2, 4])" in (
+        summary
+    )
     assert "the trace form was not kept: on inputs (float32[32, 9, 4])" in summary
     loaded = load_quantized(tmp_path / "loop.ts")
     for length in (3, 5, 9, 12):
