@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from lightning_compress.artifacts import compressed, torchscript
+from lightning_compress.artifacts import compressed, exported, torchscript
 from lightning_compress.artifacts.compressed import DEFAULT_MAX_BYTES
 from lightning_compress.artifacts.headers import ArtifactError
 
@@ -32,9 +32,16 @@ class Reader:
     load: Callable[[bytes, str, int], Any]
 
 
-def load_quantized(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> torch.jit.ScriptModule:
-    """Load an artifact written by ``DynamicQuantization(save_path=...)``, :func:`save_quantized` or
-    :func:`save_compressed`. Needs only torch: not the training code, not Lightning.
+def load_quantized(
+    path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES
+) -> torch.jit.ScriptModule | exported.CompiledProgram:
+    """Load an artifact written by ``DynamicQuantization(save_path=...)``, ``StaticQuantization(save_path=...)``,
+    :func:`save_quantized` or :func:`save_compressed`. Needs only torch (and torchao for a ``StaticQuantization``
+    program: :mod:`~lightning_compress.artifacts.exported`): not the training code, not Lightning.
+
+    A ``StaticQuantization`` artifact (``.pt2``) loads as a
+    :class:`~lightning_compress.artifacts.exported.CompiledProgram`: it is compiled with ``torch.compile`` and
+    inductor's freezing at its first call of each input shape (seconds to tens of seconds), then runs int8 kernels.
 
     The quantized weights are packed for the quantized engine recorded in the artifact (``x86``, ``fbgemm``,
     ``qnnpack``, ...: ``torch.backends.quantized.engine`` when it was saved), so it computes what was measured;
@@ -86,5 +93,6 @@ def _load_archive(data: bytes, source: str, max_bytes: int) -> torch.jit.ScriptM
 #: its header check says what a file that is not an artifact is (a ``torch.save`` pickle, another zip, ...).
 READERS: tuple[Reader, ...] = (
     Reader(lambda path, head: compressed.is_compressed(head), _load_compressed),
+    Reader(exported.is_exported, exported.load),
     Reader(lambda path, head: True, _load_archive),
 )

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from lightning_compress.artifacts import compressed, headers, torchscript
+from lightning_compress.artifacts import compressed, exported, headers, torchscript
 from lightning_compress.artifacts.loading import load_quantized
 from lightning_compress.artifacts.verification import (
     ArtifactMismatch,
@@ -31,7 +31,7 @@ from lightning_compress.artifacts.verification import (
 from lightning_compress.inputs import ModelInput
 
 #: The module that makes, calls and reads each form (a new format adds its forms here).
-FORMATS: dict[str, ModuleType] = {"trace": torchscript, "script": torchscript}
+FORMATS: dict[str, ModuleType] = {"trace": torchscript, "script": torchscript, "pt2": exported}
 #: The forms tried by default, in order.
 FORMS = torchscript.FORMS
 _UNBOUNDED = 2**63 - 1  # reading back a file we have just written

@@ -141,6 +141,15 @@ class QuantizationCallback(Callback):
         """More arguments of :func:`lightning_compress.report.summary_table`."""
         return {}
 
+    def _compiled_float(self, float_model: nn.Module, inputs: list[ModelInput]) -> nn.Module | None:
+        """The float model as the quantized one is run (compiled the same way), timed as ``latency_ms_before``;
+        ``None``: the quantized model runs eagerly, and the float model is timed as it is."""
+        return None
+
+    def _artifact_forms(self) -> tuple[str, ...] | None:
+        """The artifact forms tried, in order (``None``: TorchScript's trace, then script)."""
+        return None
+
     def _why_an_input_is_needed(self) -> str | None:
         """What needs one real input batch even without evaluation (``"save_path=...) traces the model"``)."""
         return "save_path=...) traces the model" if self.save_path is not None else None
@@ -159,6 +168,12 @@ class QuantizationCallback(Callback):
         if stage != "fit":
             return
         compat.require_supported_strategy(trainer, self._name)
+        others = {c._name for c in trainer.callbacks if isinstance(c, QuantizationCallback) and c._name != self._name}
+        if others:
+            raise ValueError(
+                f"{self._name} and {', '.join(sorted(others))} are in one Trainer: each quantizes its own copy of the "
+                "model at the end of fit, and one quantization method per fit is supported. Keep one of them."
+            )
         if self.dataloader is not None or compat.has_val_data(trainer):
             return
         if self.evaluate:
@@ -242,7 +257,14 @@ class QuantizationCallback(Callback):
                 measure = self._artifact_measure(trainer, quantized, run.source)
                 metadata = self._artifact_metadata()
                 saving.rehearse(
-                    self.save_path, quantized, run.to_quantize, run.compared, self.compress, metadata, measure
+                    self.save_path,
+                    quantized,
+                    run.to_quantize,
+                    run.compared,
+                    self.compress,
+                    metadata,
+                    measure,
+                    self._artifact_forms(),
                 )
             return
         self._finish(trainer, run, quantized, after)
@@ -339,8 +361,17 @@ class QuantizationCallback(Callback):
         """The comparison of the two models (latency timed now), what each layer became, and the logged figures."""
         with _timed(run.stages, "time latency", self._name):
             timed = run.timed if self.evaluate else []
+            compiled = self._compiled_float(run.float_model, run.inputs) if timed else None
             comparison = figures.compare(
-                run.float_model, quantized, run.names, timed, run.before, after, LATENCY_ROUNDS, LATENCY_BUDGET_S
+                run.float_model,
+                quantized,
+                run.names,
+                timed,
+                run.before,
+                after,
+                LATENCY_ROUNDS,
+                LATENCY_BUDGET_S,
+                timed_before=compiled,
             )
         layers = self._layer_outcomes(run.to_quantize, quantized, run.refused)
         comparison.cast_from, comparison.timed_on = run.cast_from, run.timed_on if timed else None
@@ -364,6 +395,7 @@ class QuantizationCallback(Callback):
             measure=self._artifact_measure(trainer, quantized, None),
             headline=run.headline,
             owner=self._name,
+            forms=self._artifact_forms(),
         )
 
     def _artifact_measure(self, trainer: pl.Trainer, quantized: nn.Module, source: Any) -> saving.Measure | None:

@@ -21,6 +21,7 @@ from torch import nn
 from lightning_compress import report
 from lightning_compress.artifacts import ArtifactMismatch, write_verified
 from lightning_compress.artifacts.verification import CheckedArtifact
+from lightning_compress.artifacts.writing import FORMS
 from lightning_compress.inputs import ModelInput
 
 Measure = Callable[[CheckedArtifact], dict[str, float]]
@@ -34,6 +35,7 @@ def rehearse(
     compress: bool,
     metadata: dict[str, Any],
     measure: Measure | None,
+    forms: Sequence[str] | None = None,
 ) -> None:
     """Check that ``path``'s folder can be written, then write, reload and measure the artifact in a scratch folder
     on ``inputs`` (the rehearsal's). Raises ``ValueError`` for the folder, ``ArtifactMismatch`` when no form
@@ -56,6 +58,7 @@ def rehearse(
             reference=reference,
             metadata=metadata,
             measure=measure,
+            forms=forms or FORMS,
         )
 
 
@@ -70,12 +73,20 @@ def save(
     measure: Measure | None,
     headline: str | None,
     owner: str,
+    forms: Sequence[str] | None = None,
 ) -> tuple[dict[str, float], list[str]]:
     """Write the artifact, measured; its figures and the summary's lines about it. When no form reproduces the
     model, nothing is written, a warning says why, and the lines say so: a late failure keeps every other figure."""
     try:
         written = write_verified(
-            quantized, path, inputs, compress=compress, reference=reference, metadata=metadata, measure=measure
+            quantized,
+            path,
+            inputs,
+            compress=compress,
+            reference=reference,
+            metadata=metadata,
+            measure=measure,
+            forms=forms or FORMS,
         )
     except ArtifactMismatch as error:
         rank_zero_warn(
