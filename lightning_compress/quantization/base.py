@@ -171,7 +171,7 @@ class QuantizationCallback(Callback):
         others = {c._name for c in trainer.callbacks if isinstance(c, QuantizationCallback) and c._name != self._name}
         if others:
             raise ValueError(
-                f"{self._name} and {', '.join(sorted(others))} are in one Trainer: each quantizes its own copy of the "
+                f"{' and '.join(sorted({self._name, *others}))} are in one Trainer: each quantizes its own copy of the "
                 "model at the end of fit, and one quantization method per fit is supported. Keep one of them."
             )
         if self.dataloader is not None or compat.has_val_data(trainer):

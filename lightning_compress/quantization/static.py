@@ -131,26 +131,22 @@ def export(model: nn.Module, inputs: Sequence[ModelInput]) -> tuple[torch.fx.Gra
     try:
         with compat.torch_internal_warnings_silenced():
             if example.kwargs:
-                program = _export_with_keywords(model, example, shapes)
-            else:
-                program = torch.export.export(model, example.args, dynamic_shapes=shapes)
+                shapes = _by_name(model, example, shapes)
+            program = torch.export.export(model, example.args, example.kwargs, dynamic_shapes=shapes)
     except Exception as error:
         cause = short_error(error, 300)
         raise ValueError(f"torch.export cannot capture the model's forward ({cause}). {EXPORT_FIX}.") from error
     return program.module(), shapes
 
 
-def _export_with_keywords(model: nn.Module, example: ModelInput, shapes: dict[str, Any]) -> Any:
-    # torch.export takes dynamic shapes of keyword inputs by forward's parameter names
+def _by_name(model: nn.Module, example: ModelInput, shapes: dict[str, Any]) -> dict[str, Any]:
+    # with keyword inputs, torch.export takes dynamic shapes by forward's parameter names
     import inspect
 
-    bound = inspect.signature(model.forward).bind(*example.args, **example.kwargs)
-    by_name = {}
-    args_shapes = list(shapes["args"] or ())
-    for i, name in enumerate(list(bound.arguments)[: len(example.args)]):
-        by_name[name] = args_shapes[i] if i < len(args_shapes) else None
+    names = list(inspect.signature(model.forward).bind(*example.args, **example.kwargs).arguments)
+    by_name = dict(zip(names, shapes["args"] or ()))
     by_name.update(shapes["kwargs"] or {})
-    return torch.export.export(model, example.args, example.kwargs, dynamic_shapes=by_name)
+    return by_name
 
 
 def separate_call_sites(program: torch.fx.GraphModule) -> list[str]:

@@ -69,7 +69,7 @@ def _fit(callbacks: list, tmp_root) -> StaticCNN:
         enable_model_summary=False,
         default_root_dir=tmp_root,
     )
-    trainer.fit(model, datamodule=DigitsDataModule(batch_size=64))
+    trainer.fit(model, datamodule=DigitsDataModule(batch_size=32))
     return model
 
 
@@ -178,7 +178,7 @@ def test_dynamic_and_static_quantization_in_one_trainer_is_a_setup_error(quiet_t
         quiet_trainer_kwargs,
         [DynamicQuantization(), StaticQuantization()],
         StaticCNN(),
-        "StaticQuantization and DynamicQuantization are in one Trainer",
+        "DynamicQuantization and StaticQuantization are in one Trainer",
         datamodule=DigitsDataModule(),
     )
 
