@@ -14,6 +14,7 @@ SCRIPTS = (
     "compression.py",
     "rehearsal.py",
     "shrink.py",
+    "static_quantization.py",
 )
 for script in SCRIPTS:
     print(f"\n$ python benchmarks/{script}", flush=True)

@@ -110,7 +110,6 @@ class CompiledProgram(nn.Module):
         self.program = program
         self.dynamic_shapes = dynamic_shapes
         self._compiled: Callable[..., Any] | None = None
-        self.compiled_shapes: set[Any] = set()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if not _COMPILING.get():
@@ -119,7 +118,6 @@ class CompiledProgram(nn.Module):
         if self._compiled is None:
             import_int8_lowerings()
             self._compiled = torch.compile(self.program, dynamic=False)
-        self.compiled_shapes.add(ModelInput(args, kwargs).signature())
         with torch.no_grad(), inductor_freezing(), _compile_notices_silenced():
             return self._compiled(*args, **kwargs)
 
@@ -132,7 +130,6 @@ class CompiledProgram(nn.Module):
     def __getstate__(self) -> dict[str, Any]:  # a deep copy or pickle recompiles rather than share the compiled code
         state = dict(self.__dict__)
         state["_compiled"] = None
-        state["compiled_shapes"] = set()
         return state
 
 

@@ -142,8 +142,8 @@ class QuantizationCallback(Callback):
         return {}
 
     def _compiled_float(self, float_model: nn.Module, inputs: list[ModelInput]) -> nn.Module | None:
-        """The float model as the quantized one is run (compiled the same way), timed as ``latency_ms_before``;
-        ``None``: the quantized model runs eagerly, and the float model is timed as it is."""
+        """The float model as the quantized one is run (compiled the same way, on ``inputs``: those timed), timed as
+        ``latency_ms_before``; ``None``: the quantized model runs eagerly, and the float model is timed as it is."""
         return None
 
     def _artifact_forms(self) -> tuple[str, ...] | None:
@@ -361,7 +361,7 @@ class QuantizationCallback(Callback):
         """The comparison of the two models (latency timed now), what each layer became, and the logged figures."""
         with _timed(run.stages, "time latency", self._name):
             timed = run.timed if self.evaluate else []
-            compiled = self._compiled_float(run.float_model, run.inputs) if timed else None
+            compiled = self._compiled_float(run.float_model, timed) if timed else None
             comparison = figures.compare(
                 run.float_model,
                 quantized,
