@@ -117,7 +117,8 @@ class CompiledProgram(nn.Module):
                 return self.program(*args, **kwargs)
         if self._compiled is None:
             import_int8_lowerings()
-            self._compiled = torch.compile(self.program, dynamic=False)
+            # kept outside the module tree: the compiled wrapper is a module holding the same program again
+            object.__setattr__(self, "_compiled", torch.compile(self.program, dynamic=False))
         with torch.no_grad(), inductor_freezing(), _compile_notices_silenced():
             return self._compiled(*args, **kwargs)
 
