@@ -59,11 +59,11 @@ class Comparison:
     coverage: float
     latency_before: Latency | None = None
     latency_after: Latency | None = None
-    latency_eager: Latency | None = None
     cast_from: torch.dtype | None = None
     size_causes: list[str] = dataclasses.field(default_factory=list)
     timed_inputs: list[str] = dataclasses.field(default_factory=list)
     timed_on: str | None = None
+    latency_eager: Latency | None = None  # last: positional construction of the fields above stays as it was
 
     @property
     def speedup(self) -> float | None:
