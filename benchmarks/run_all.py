@@ -15,6 +15,7 @@ SCRIPTS = (
     "rehearsal.py",
     "shrink.py",
     "onnx_runtime.py",
+    "static_quantization.py",
 )
 for script in SCRIPTS:
     print(f"\n$ python benchmarks/{script}", flush=True)

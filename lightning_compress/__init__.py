@@ -16,6 +16,7 @@ _EXPORTS = {
     "MovementPruning": "lightning_compress.pruning.callbacks",
     "Pruner": "lightning_compress.pruning.pruner",
     "DynamicQuantization": "lightning_compress.quantization.callbacks",
+    "StaticQuantization": "lightning_compress.quantization.static_callback",
     "QuantizationError": "lightning_compress.quantization.callbacks",
     "load_quantized": "lightning_compress.artifacts",
     "save_quantized": "lightning_compress.artifacts",

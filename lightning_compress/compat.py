@@ -110,6 +110,16 @@ def raw_val_dataloaders(trainer: pl.Trainer) -> Any:
     return val_data_source(trainer).dataloader()
 
 
+def train_data_source(trainer: pl.Trainer) -> Any:
+    """The fit loop's training data source (``fit_loop._data_source``, private in Lightning 2.x): its
+    ``dataloader()`` calls the user's ``train_dataloader`` hook again, a fresh loader beside training's own."""
+    return trainer.fit_loop._data_source
+
+
+def has_train_data(trainer: pl.Trainer) -> bool:
+    return train_data_source(trainer).is_defined()
+
+
 def never_sync(metric: torchmetrics.Metric) -> torchmetrics.Metric:
     """Stop ``metric`` from all-gathering its state in ``compute`` (torchmetrics reads the private ``_to_sync``).
 

@@ -40,6 +40,7 @@ SIZE_BEFORE = "quantization/size_mb_before"
 SIZE_AFTER = "quantization/size_mb_after"
 LATENCY_BEFORE = "quantization/latency_ms_before"
 LATENCY_AFTER = "quantization/latency_ms_after"
+LATENCY_EAGER = "quantization/latency_ms_eager"
 SPARSITY_BEFORE = "quantization/sparsity_before"
 SPARSITY_AFTER = "quantization/sparsity_after"
 SIZE_COMPRESSED = "quantization/size_mb_compressed"
@@ -116,6 +117,9 @@ def summary_table(
             b, a = comparison.latency_before, comparison.latency_after
             spread = f"  rounds: {b.low_ms:.3f}-{b.high_ms:.3f} / {a.low_ms:.3f}-{a.high_ms:.3f} ms, interleaved"
         row("latency (ms/batch)", results[LATENCY_BEFORE], results[LATENCY_AFTER], "{:.3f}", ratio=True, extra=spread)
+        if LATENCY_EAGER in results:
+            row("latency, float eager", results[LATENCY_EAGER], results[LATENCY_AFTER], "{:.3f}", ratio=True)
+            lines.append("  latency: before = the float model compiled the same way as the quantized one")
         if comparison is not None and comparison.timed_inputs:
             lines.append(f"  latency: timed on {_timed_inputs(comparison.timed_inputs, comparison.timed_on)}")
     lines += _footer_lines(results, comparison, baseline_accuracy, kernel_choices, notes, stage_seconds, save_path)

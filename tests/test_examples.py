@@ -65,9 +65,12 @@ def test_lightning_cli_config(tmp_path, epochs):
 
 def test_cnn_shrink_example(tmp_path):
     pytest.importorskip("torch_pruning")  # the [shrink] extra
+    pytest.importorskip("torchao")  # the [static] extra
     out = _run(tmp_path, EXAMPLES / "digits_cnn_shrink.py", "--epochs", "4", "--root", tmp_path / "runs")
-    assert "shrink: " in out and "parameters" in out and "stem channels: 32 trained, 16 in the artifact" in out
-    assert (tmp_path / "runs" / "digits_cnn" / "version_0" / "cnn_int8.lcz").exists()
+    assert "shrink: " in out and "parameters" in out and "shrink: stem.0.weight (32, 1, 3, 3) -> (16, 1, 3, 3)" in out
+    assert "lightning_compress summary (static int8" in out and "latency, float eager" in out
+    assert "artifact cnn_int8.pt2: predicts [" in out
+    assert (tmp_path / "runs" / "digits_cnn" / "version_0" / "cnn_int8.pt2").exists()
     assert "accuracy guard on val_acc" in out
 
 

@@ -17,6 +17,7 @@ def test_every_top_level_name_resolves_and_the_old_paths_are_the_same_objects():
     assert pruning.Pruner is lightning_compress.Pruner
     assert quantization.DynamicQuantization is lightning_compress.DynamicQuantization
     assert quantization.QuantizationError is lightning_compress.QuantizationError
+    assert quantization.StaticQuantization is lightning_compress.StaticQuantization
 
 
 def test_the_pruning_core_and_the_artifacts_need_no_lightning():

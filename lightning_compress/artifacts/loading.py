@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from lightning_compress.artifacts import compressed, onnx_format, torchscript
+from lightning_compress.artifacts import compressed, exported, onnx_format, torchscript
 from lightning_compress.artifacts.compressed import DEFAULT_MAX_BYTES
 from lightning_compress.artifacts.headers import ArtifactError
 
@@ -33,10 +33,15 @@ class Reader:
 
 
 def load_quantized(path: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> torch.nn.Module:
-    """Load an artifact written by ``DynamicQuantization(save_path=...)``, :func:`save_quantized` or
-    :func:`save_compressed`. Needs only torch: not the training code, not Lightning (an ONNX artifact also needs
-    the ``[onnx]`` extra; it returns a module that runs an ``onnxruntime.InferenceSession`` with
-    ``torch.get_num_threads()`` intra-op threads, called as the model's forward was, returning torch tensors).
+    """Load an artifact written by ``DynamicQuantization(save_path=...)``, ``StaticQuantization(save_path=...)``,
+    :func:`save_quantized` or :func:`save_compressed`. Needs only torch: not the training code, not Lightning (an
+    ONNX artifact also needs the ``[onnx]`` extra, a ``StaticQuantization`` program torchao, the ``[static]`` extra).
+
+    An ONNX artifact loads as a module that runs an ``onnxruntime.InferenceSession`` with ``torch.get_num_threads()``
+    intra-op threads, called as the model's forward was, returning torch tensors. A ``StaticQuantization`` artifact
+    (``.pt2``) loads as a :class:`~lightning_compress.artifacts.exported.CompiledProgram`: it is compiled with
+    ``torch.compile`` and inductor's freezing at its first call of each input shape (seconds to tens of seconds),
+    then runs int8 kernels.
 
     The quantized weights are packed for the quantized engine recorded in the artifact (``x86``, ``fbgemm``,
     ``qnnpack``, ...: ``torch.backends.quantized.engine`` when it was saved), so it computes what was measured;
@@ -93,5 +98,6 @@ def _load_archive(data: bytes, source: str, max_bytes: int) -> torch.jit.ScriptM
 READERS: tuple[Reader, ...] = (
     Reader(lambda path, head: compressed.is_compressed(head), _load_compressed),
     Reader(lambda path, head: head[:2] != b"PK" and onnx_format.is_onnx(path, head), _load_onnx),
+    Reader(exported.is_exported, exported.load),
     Reader(lambda path, head: True, _load_archive),
 )

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_compress.artifacts import compressed, headers, onnx_format, torchscript
+from lightning_compress.artifacts import compressed, exported, headers, onnx_format, torchscript
 from lightning_compress.artifacts.loading import load_quantized
 from lightning_compress.artifacts.verification import (
     ArtifactMismatch,
@@ -35,7 +35,7 @@ from lightning_compress.artifacts.verification import (
 from lightning_compress.inputs import ModelInput
 
 #: The module that makes, calls and reads each form (a new format adds its forms here).
-FORMATS: dict[str, ModuleType] = {"trace": torchscript, "script": torchscript, "onnx": onnx_format}
+FORMATS: dict[str, ModuleType] = {"trace": torchscript, "script": torchscript, "onnx": onnx_format, "pt2": exported}
 #: The forms tried by default, in order.
 FORMS = torchscript.FORMS
 _UNBOUNDED = 2**63 - 1  # reading back a file we have just written
@@ -194,6 +194,7 @@ def _write_form(
     quantizes = getattr(made, "QUANTIZES", False)  # the format quantizes the float model itself (ONNX)
     target = reference if quantizes and reference is not None else model
     others = [other for example in inputs[:1] for other in other_shapes(target, example)]
+    others = others if getattr(made, "VERIFY_OTHER_SHAPES", True) else []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         archive, _ = made.make(target, form, [*inputs, *others] if quantizes else inputs, metadata)

@@ -1,6 +1,8 @@
 """Post-training quantization at the end of ``fit``, measured: the callbacks and the plain functions under them.
 
 * :mod:`~lightning_compress.quantization.callbacks`: ``DynamicQuantization`` (how to quantize, dynamically);
+  :mod:`~lightning_compress.quantization.static_callback`: ``StaticQuantization`` (static int8 through torchao's
+  PT2E, whose plain code is :mod:`~lightning_compress.quantization.static`);
 * :mod:`~lightning_compress.quantization.base`: ``QuantizationCallback``, everything the callbacks share (the
   rehearsal, evaluation, figures, the artifact, the summary), and ``QuantizationError``;
 * :mod:`~lightning_compress.quantization.config`: their common arguments, checked;
@@ -27,6 +29,7 @@ from typing import Any
 
 _CALLBACKS = {
     "DynamicQuantization": "lightning_compress.quantization.callbacks",
+    "StaticQuantization": "lightning_compress.quantization.static_callback",
     "QuantizationError": "lightning_compress.quantization.base",
     "QuantizationCallback": "lightning_compress.quantization.base",
 }

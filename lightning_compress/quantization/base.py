@@ -143,6 +143,11 @@ class QuantizationCallback(Callback):
         """More arguments of :func:`lightning_compress.report.summary_table`."""
         return {}
 
+    def _compiled_float(self, float_model: nn.Module, inputs: list[ModelInput]) -> nn.Module | None:
+        """The float model as the quantized one is run (compiled the same way, on ``inputs``: those timed), timed as
+        ``latency_ms_before``; ``None``: the quantized model runs eagerly, and the float model is timed as it is."""
+        return None
+
     def _why_an_input_is_needed(self) -> str | None:
         """What needs one real input batch even without evaluation (``"save_path=...) traces the model"``)."""
         return "save_path=...) traces the model" if self.save_path is not None else None
@@ -166,6 +171,12 @@ class QuantizationCallback(Callback):
         if stage != "fit":
             return
         compat.require_supported_strategy(trainer, self._name)
+        others = {c._name for c in trainer.callbacks if isinstance(c, QuantizationCallback) and c._name != self._name}
+        if others:
+            raise ValueError(
+                f"{' and '.join(sorted({self._name, *others}))} are in one Trainer: each quantizes its own copy of the "
+                "model at the end of fit, and one quantization method per fit is supported. Keep one of them."
+            )
         if self.dataloader is not None or compat.has_val_data(trainer):
             return
         if self.evaluate:
@@ -354,8 +365,17 @@ class QuantizationCallback(Callback):
         """The comparison of the two models (latency timed now), what each layer became, and the logged figures."""
         with _timed(run.stages, "time latency", self._name):
             timed = run.timed if self.evaluate else []
+            compiled = self._compiled_float(run.float_model, timed) if timed else None
             comparison = figures.compare(
-                run.float_model, quantized, run.names, timed, run.before, after, LATENCY_ROUNDS, LATENCY_BUDGET_S
+                run.float_model,
+                quantized,
+                run.names,
+                timed,
+                run.before,
+                after,
+                LATENCY_ROUNDS,
+                LATENCY_BUDGET_S,
+                timed_before=compiled,
             )
         layers = self._layer_outcomes(run.to_quantize, quantized, run.refused)
         comparison.cast_from, comparison.timed_on = run.cast_from, run.timed_on if timed else None

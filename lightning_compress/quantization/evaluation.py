@@ -240,7 +240,7 @@ def naming_the_failing_layer(model: nn.Module, names: list[str], owner: str = "D
     def left(*_: Any) -> None:  # a forward hook that returns nothing leaves the output as it is
         active.pop()
 
-    for name in names:
+    for name in (n for n in names if n in modules):  # a compiled program has no modules of the float names
         handles.append(modules[name].register_forward_pre_hook(entered(name)))
         handles.append(modules[name].register_forward_hook(left))
     try:

@@ -63,6 +63,7 @@ class Comparison:
     size_causes: list[str] = dataclasses.field(default_factory=list)
     timed_inputs: list[str] = dataclasses.field(default_factory=list)
     timed_on: str | None = None
+    latency_eager: Latency | None = None  # last: positional construction of the fields above stays as it was
 
     @property
     def speedup(self) -> float | None:
@@ -97,6 +98,7 @@ def compare(
     metrics_after: dict[str, float] | None = None,
     rounds: int = 5,
     budget_s: float | None = None,
+    timed_before: nn.Module | None = None,
 ) -> Comparison:
     """Package what was measured: the metrics (evaluated by the caller, e.g. with
     :func:`lightning_compress.quantization.evaluation.validate`), the serialized sizes (and, when the quantized model is
@@ -104,6 +106,8 @@ def compare(
     both models' latency timed interleaved on them (see :func:`interleaved_latency`, and its ``budget_s``).
 
     ``names``: the layers selected for quantization; coverage counts those that really run quantized.
+    ``timed_before``: the float model as the quantized one is run (compiled the same way), timed as
+    ``latency_before``; ``float_model`` itself is then timed beside them as ``latency_eager``.
     """
     ran = set(outcomes.quantized_dtypes(quantized))
     comparison = Comparison(
@@ -115,10 +119,15 @@ def compare(
     )
     if comparison.size_mb_after > comparison.size_mb_before:
         comparison.size_causes = outcomes.size_causes(float_model, quantized)
-    if inputs:
+    if inputs and timed_before is not None:
+        comparison.latency_eager, comparison.latency_before, comparison.latency_after = interleaved_latency(
+            [float_model, timed_before, quantized], inputs, rounds, budget_s
+        )
+    elif inputs:
         comparison.latency_before, comparison.latency_after = interleaved_latency(
             [float_model, quantized], inputs, rounds, budget_s
         )
+    if inputs:
         comparison.timed_inputs = [example.describe() for example in inputs[: comparison.latency_before.batches]]
     return comparison
 
@@ -140,6 +149,8 @@ def results(comparison: Comparison, headline: str | None) -> dict[str, float]:
     if comparison.latency_before is not None:
         found[report.LATENCY_BEFORE] = comparison.latency_before.median_ms
         found[report.LATENCY_AFTER] = comparison.latency_after.median_ms
+    if comparison.latency_eager is not None:
+        found[report.LATENCY_EAGER] = comparison.latency_eager.median_ms
     return found
 
 
