@@ -300,17 +300,16 @@ def _shrink_group(
     removable = _zero_channels(producers)
     if not removable:
         return
-    constants = [_consumer_inputs(model, example, consumers) for example in examples]
+    constants = _constants(model, examples, consumers, removable)
     varying: set[int] = set()  # zero weights, yet not constant where consumed: something this code does not see
     padded: set[int] = set()  # a padded convolution sees a constant only away from the borders
     folds = []
     for item in consumers:
         consumer = item.dep.target.module
-        seen = [captured[consumer] for captured in constants if consumer in captured]
         for idx, root_idx in zip(item.idxs, item.root_idxs):
             if root_idx not in removable:
                 continue
-            value = _constant_on_all(seen, idx, consumer)
+            value = constants.get((consumer, idx))
             if value is None:
                 varying.add(root_idx)
             elif value != 0 and not (isinstance(consumer, nn.Linear) or _unpadded(consumer)):
@@ -351,11 +350,22 @@ def _consumer_inputs(model: nn.Module, example: ModelInput, consumers: list[Any]
     return captured
 
 
-def _constant_on_all(inputs: list[Tensor], idx: int, consumer: nn.Module) -> float | None:
-    """The value of input channel ``idx`` if it is the same everywhere in every one of ``inputs`` (what ``consumer``
-    received on each input given to shrink), else ``None``."""
-    values = {_constant(x, idx, consumer) for x in inputs}
-    return values.pop() if len(values) == 1 and None not in values else None
+def _constants(
+    model: nn.Module, examples: list[ModelInput], consumers: list[Any], removable: set[int]
+) -> dict[tuple[nn.Module, int], float]:
+    """``(consumer, input channel) -> value`` for each removable channel that is the same everywhere in what the
+    consumer receives on every one of ``examples`` (one input's activations held at a time)."""
+    seen: dict[tuple[nn.Module, int], set[float | None]] = {}
+    for example in examples:
+        captured = _consumer_inputs(model, example, consumers)
+        for item in consumers:
+            consumer = item.dep.target.module
+            if consumer not in captured:
+                continue
+            for idx, root_idx in zip(item.idxs, item.root_idxs):
+                if root_idx in removable:
+                    seen.setdefault((consumer, idx), set()).add(_constant(captured[consumer], idx, consumer))
+    return {key: values.pop() for key, values in seen.items() if len(values) == 1 and None not in values}
 
 
 def _constant(x: Tensor, idx: int, consumer: nn.Module) -> float | None:

@@ -56,7 +56,7 @@ class AccuracyGuard:
     def __post_init__(self) -> None:
         if not _is_number(self.max_drop) or not 0 <= self.max_drop < math.inf:
             raise ValueError(
-                f"`max_drop` must be a finite number >= 0 in the metric's own units, got {self.max_drop!r}"
+                f"`max_drop` must be a number >= 0 and finite, in the metric's own units, got {self.max_drop!r}"
             )
         if self.mode not in ("max", "min"):
             raise ValueError(f"`mode` must be one of ['max', 'min'], got {self.mode!r}")
@@ -65,8 +65,8 @@ class AccuracyGuard:
         if self.baseline is not None:
             if not _is_number(self.baseline) or not math.isfinite(self.baseline):
                 raise ValueError(
-                    f"`baseline` must be None (the best validation before pruning starts) or a finite number, got "
-                    f"{self.baseline!r}: a NaN or infinite baseline would hold every update"
+                    f"`baseline` must be None or a number, a finite one (None: the best validation before pruning "
+                    f"starts), got {self.baseline!r}: a NaN or infinite baseline would hold every update"
                 )
             self.fixed_baseline = True
 

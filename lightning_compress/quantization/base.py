@@ -103,8 +103,7 @@ class QuantizationCallback(Callback):
         self.quantized_layers: list[str] = []
         self.layers: list[outcomes.LayerOutcome] = []
         self.kept_float: dict[str, str] = {}
-        self._streams: list[str] = []  # evaluation loaders the rehearsal must not read (set in on_fit_start)
-        self._sanity_batches: dict[int, list[Any]] = {}
+        self._sanity = streamed.SanityCapture()  # a stream's sanity-check batches (set in on_fit_start)
         self._code_reads: dict[str, str] = {}  # layers whose weight the model's code reads, found in the rehearsal
 
     # ------------------------------------------------------------------ how to quantize: what a subclass says
@@ -185,34 +184,29 @@ class QuantizationCallback(Callback):
         # After `configure_model` and the strategy's setup; still before the first training step. Evaluation data
         # that reading would change (a stream) is not read: the rehearsal then waits for `on_train_start` and runs
         # on the batches Lightning's sanity check draws anyway, captured as they pass.
-        self._streams, self._sanity_batches = self._streams_in_the_data(trainer, pl_module), {}
         self._code_reads = {}
-        if not self._streams:
+        self._sanity = streamed.SanityCapture(self._streams(trainer))
+        if not self._sanity.streams:
             self._rehearse(trainer, pl_module)
 
     def on_validation_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        if self._streams and trainer.sanity_checking and trainer.is_global_zero:
-            self._sanity_batches.setdefault(dataloader_idx, []).append(_cpu_copy(batch))
+        if self._sanity.streams and trainer.sanity_checking and trainer.is_global_zero:
+            self._sanity.add(dataloader_idx, _cpu_copy(batch))
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._streams:
+        if self._sanity.streams:
             per_loader = self._evaluation.uses_validation_step(pl_module)
-            source = streamed.sanity_source(compat.raw_val_dataloaders(trainer), self._sanity_batches, per_loader)
-            self._rehearse(trainer, pl_module, source)
-            self._streams, self._sanity_batches = [], {}
+            self._rehearse(trainer, pl_module, self._sanity.source(compat.raw_val_dataloaders(trainer), per_loader))
+            self._sanity = streamed.SanityCapture()
 
-    def _streams_in_the_data(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[str]:
-        """The evaluation loaders the rehearsal would read and must not (:func:`.rehearsal.is_stream`)."""
-        if self.dataloader is None and not compat.has_val_data(trainer):
-            return []
-        reads = self.evaluate or (getattr(pl_module, "example_input_array", None) is None and self._needs_inputs)
-        return self._evaluation.streams(trainer) if reads else []
-
-    @property
-    def _needs_inputs(self) -> bool:
-        return self.evaluate or self.shrink or self._why_an_input_is_needed() is not None
+    def _streams(self, trainer: pl.Trainer) -> list[str]:
+        """The evaluation loaders the run reads that must not be read before training (:func:`.rehearsal.is_stream`)."""
+        example = getattr(trainer.lightning_module, "example_input_array", None)
+        reads = self.evaluate or (example is None and (self.shrink or self._why_an_input_is_needed() is not None))
+        has_data = self.dataloader is not None or compat.has_val_data(trainer)
+        return self._evaluation.streams(trainer) if reads and has_data else []
 
     def _rehearse(self, trainer: pl.Trainer, pl_module: pl.LightningModule, source: Any = None) -> None:
         """Rank zero rehearses (on ``source``: the sanity check's batches of a stream; else the varied validation
@@ -227,11 +221,8 @@ class QuantizationCallback(Callback):
                 error = str(exception) if isinstance(exception, ValueError) else short_error(exception, 600)
         error = trainer.strategy.broadcast(error, src=0)
         if error is not None:
-            on = (
-                "the validation batches the sanity check drew"
-                if source is not None
-                else ("the first, the last and the differently shaped validation batches")
-            )
+            on = "the first, the last and the differently shaped validation batches"
+            on = "the validation batches the sanity check drew" if source is not None else on
             raise ValueError(
                 f"{self._name} rehearsed its end-of-fit work before training (on {on}), and it failed: {error}"
             )
@@ -269,7 +260,7 @@ class QuantizationCallback(Callback):
         run.source = source
         self._evaluate_float(trainer, pl_module, run)
         if source is not None:
-            rank_zero_info(f"{self._name}: {streamed.rehearsal_line(self._streams, source, run)}")
+            rank_zero_info(f"{self._name}: {streamed.rehearsal_line(self._sanity.streams, source, run)}")
             if not run.inputs:
                 return  # nothing to run the model on before training: the end of fit is its first run
         self._shrink(run)
@@ -328,23 +319,17 @@ class QuantizationCallback(Callback):
         return {}
 
     def _layers_the_code_reads(self, trainer: pl.Trainer, run: _Run) -> dict[str, str]:
-        """The quantized layers whose quantized form makes the model's code fail (halves of them quantized, the
-        module's own validation run on one batch of each, else its forward on one input), with the reason."""
+        """The quantized layers whose quantized form makes the model's code fail, with the reason
+        (:func:`.failing.layers_the_code_reads`)."""
         probe = self._probe(trainer, run)
         if probe is None:
             return {}
 
-        def failure(subset: list[str]) -> str | None:
-            model = self._quantize(trainer, run.to_quantize, subset, run.inputs, True, dict(run.refused))[0]
-            try:
-                probe(model)
-            except Exception as error:
-                return short_error(error, 160)
-            return None
+        def quantize_only(subset: list[str]) -> nn.Module:
+            return self._quantize(trainer, run.to_quantize, subset, run.inputs, True, dict(run.refused))[0]
 
         with self._timed(run, "find the layers the model's code reads"):
-            found = failing.breaking_layers(run.names, failure)
-        return {name: f"{failing.READ_DIRECTLY}: {error}" for name, error in found.items()}
+            return failing.layers_the_code_reads(run.names, quantize_only, probe)
 
     def _probe(self, trainer: pl.Trainer, run: _Run) -> Any:
         """One run of the model's own code on one batch (its validation on the first batch, else its forward on the
@@ -374,11 +359,11 @@ class QuantizationCallback(Callback):
         example = getattr(pl_module, "example_input_array", None)
         if example is not None:
             example = ModelInput.from_example(example).to("cpu", torch.float32 if run.cast_from is not None else None)
-        needs_inputs = self._needs_inputs
+        needs_inputs = self.evaluate or self.shrink or self._why_an_input_is_needed() is not None
         uses_data = self.evaluate or (needs_inputs and example is None)
         if uses_data and (run.rehearsal or not self.evaluate) and run.source is None:
             run.source = self._evaluation.varied_source(trainer)
-        elif uses_data and run.source is None and self._streams_in_the_data(trainer, pl_module):
+        elif uses_data and run.source is None and self._streams(trainer):
             per_loader = self._evaluation.uses_validation_step(pl_module)
             limit = self._evaluation.limit(trainer)
             run.source = streamed.read_once(self._evaluation.loaders(trainer), per_loader, limit)
@@ -421,21 +406,10 @@ class QuantizationCallback(Callback):
         if not self.shrink:
             return
         inputs = run.compared or run.inputs
-        with self._timed(run, "shrink"), warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", ShrinkWarning)
-            run.to_quantize = shrink(run.float_model, inputs[0], more_inputs=inputs[1:])
-        for warning in caught:  # shown as shrink raised them; their text also explains a shrink that removed nothing
-            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-        caught = [warning for warning in caught if issubclass(warning.category, ShrinkWarning)]
-        if run.rehearsal:
-            return
-        if _count(run.to_quantize) != _count(run.float_model):
-            run.notes += _shape_changes(run.float_model, run.to_quantize)
-            run.notes.append(
-                "shrink: sparsity in the quantized column is over the shrunk weights (removed channels are gone)"
-            )
-        else:
-            run.notes.append(_why_nothing_shrank(run.float_model, caught, len(inputs)))
+        with self._timed(run, "shrink"):
+            run.to_quantize, caught = _shrunk(run.float_model, inputs)
+        if not run.rehearsal:
+            run.notes += _shrink_lines(run.float_model, run.to_quantize, caught, len(inputs))
 
     def _finish(self, trainer: pl.Trainer, run: _Run, quantized: nn.Module, after: dict[str, float]) -> None:
         """Measure, write the artifact, keep the results on the callback, log, warn and print the summary."""
@@ -541,6 +515,25 @@ def _shape_changes(before: nn.Module, after: nn.Module) -> list[str]:
 def _cpu_copy(batch: Any) -> Any:
     """A batch as the sanity check passed it, copied to the CPU (its tensors may be reused or changed in place)."""
     return apply_to_collection(batch, torch.Tensor, lambda t: t.detach().to("cpu", copy=True))
+
+
+def _shrunk(model: nn.Module, inputs: list[ModelInput]) -> tuple[nn.Module, list[warnings.WarningMessage]]:
+    """:func:`lightning_compress.shrink` on all of ``inputs``, and the ShrinkWarnings it gave (shown as it gave them;
+    they also explain a shrink that removed nothing)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ShrinkWarning)
+        shrunk = shrink(model, inputs[0], more_inputs=inputs[1:])
+    for warning in caught:
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return shrunk, [warning for warning in caught if issubclass(warning.category, ShrinkWarning)]
+
+
+def _shrink_lines(before: nn.Module, after: nn.Module, caught: list[warnings.WarningMessage], inputs: int) -> list[str]:
+    """The summary's lines about shrinking: what changed, or why nothing did."""
+    if _count(after) != _count(before):
+        note = "shrink: sparsity in the quantized column is over the shrunk weights (removed channels are gone)"
+        return [*_shape_changes(before, after), note]
+    return [_why_nothing_shrank(before, caught, inputs)]
 
 
 def _why_nothing_shrank(model: nn.Module, caught: list[warnings.WarningMessage], inputs: int) -> str:

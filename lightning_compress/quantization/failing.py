@@ -6,13 +6,18 @@ self.head.weight, ...)``, ``h @ self.head.weight.t()``, logging ``self.head.weig
 then fails, and nothing in the error names the layer. :func:`breaking_layers` finds them by bisection: quantize
 half of the layers, run the model's code once, and keep halving the halves that fail.
 
-Plain Python over a callable that says whether the model's code fails with a given set of layers quantized; knows
-nothing of how a model is quantized or run.
+Plain PyTorch over two callables: one that quantizes a given set of layers, one that runs the model's code once;
+knows nothing of how a model is quantized or run.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import nn
+
+from lightning_compress.artifacts.verification import short_error
 
 #: The reason given for a layer :func:`breaking_layers` found.
 READ_DIRECTLY = "its weight is read directly by the model's code, which fails on its quantized form"
@@ -47,3 +52,20 @@ def breaking_layers(names: Sequence[str], failure: Callable[[list[str]], str | N
     if error is not None:
         search(names, error)
     return found
+
+
+def layers_the_code_reads(
+    names: Sequence[str], quantize_only: Callable[[list[str]], nn.Module], probe: Callable[[nn.Module], Any]
+) -> dict[str, str]:
+    """:func:`breaking_layers` with models made by ``quantize_only(subset)`` (only those layers quantized) and run
+    once by ``probe(model)`` (which raises when the model's code fails), each with the reason
+    (:data:`READ_DIRECTLY` and the failure seen)."""
+
+    def failure(subset: list[str]) -> str | None:
+        try:
+            probe(quantize_only(subset))
+        except Exception as error:
+            return short_error(error, 160)
+        return None
+
+    return {name: f"{READ_DIRECTLY}: {error}" for name, error in breaking_layers(names, failure).items()}

@@ -11,11 +11,28 @@ show (the stream's other shapes, its last batch's size) is checked only at the e
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Any
 
 from lightning_compress.inputs import signature_of
 from lightning_compress.quantization.rehearsal import Batches
+
+
+@dataclasses.dataclass
+class SanityCapture:
+    """The streams among the evaluation loaders (described; none: nothing to capture), and the batches the sanity
+    check drew from the evaluation loaders (``dataloader_idx -> batches``), added as they pass."""
+
+    streams: list[str] = dataclasses.field(default_factory=list)
+    batches: dict[int, list[Any]] = dataclasses.field(default_factory=dict)
+
+    def add(self, dataloader_idx: int, batch: Any) -> None:
+        self.batches.setdefault(dataloader_idx, []).append(batch)
+
+    def source(self, loaders: Any, per_loader: bool) -> Any:
+        """The captured batches in the form the evaluation takes (see :func:`sanity_source`)."""
+        return sanity_source(loaders, self.batches, per_loader)
 
 
 def sanity_source(loaders: Any, captured: dict[int, list[Any]], per_loader: bool) -> Any:
