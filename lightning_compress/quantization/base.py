@@ -216,7 +216,8 @@ class QuantizationCallback(Callback):
         if trainer.is_global_zero:
             try:
                 with isolation.untouched(pl_module, trainer):
-                    self._run(trainer, pl_module, rehearsal=True, full_state=full_state, source=source)
+                    self._sanity.rehearsed_on = source
+                    self._run(trainer, pl_module, rehearsal=True, full_state=full_state)
             except Exception as exception:  # reported on every rank below
                 error = str(exception) if isinstance(exception, ValueError) else short_error(exception, 600)
         error = trainer.strategy.broadcast(error, src=0)
@@ -251,13 +252,12 @@ class QuantizationCallback(Callback):
         pl_module: pl.LightningModule,
         rehearsal: bool,
         full_state: dict[str, torch.Tensor] | None = None,
-        source: Any = None,
     ) -> None:
-        """The end-of-fit path; with ``rehearsal`` on varied batches (:mod:`.rehearsal`), or on ``source`` (the
-        batches a stream gave the sanity check), writing nothing but a temporary artifact. ``full_state``: the
-        gathered full state dict of a sharded module, which the float copy is made of."""
+        """The end-of-fit path; with ``rehearsal`` on varied batches (:mod:`.rehearsal`), or on the batches a stream
+        gave the sanity check (``_sanity.rehearsed_on``), writing nothing but a temporary artifact. ``full_state``:
+        the gathered full state dict of a sharded module, which the float copy is made of."""
         run = self._copy(pl_module, rehearsal, full_state)
-        run.source = source
+        source = run.source = self._sanity.rehearsed_on if rehearsal else None
         self._evaluate_float(trainer, pl_module, run)
         if source is not None:
             rank_zero_info(f"{self._name}: {streamed.rehearsal_line(self._sanity.streams, source, run)}")

@@ -26,6 +26,7 @@ class SanityCapture:
 
     streams: list[str] = dataclasses.field(default_factory=list)
     batches: dict[int, list[Any]] = dataclasses.field(default_factory=dict)
+    rehearsed_on: Any = None  # the source the deferred rehearsal runs on (set while it runs)
 
     def add(self, dataloader_idx: int, batch: Any) -> None:
         self.batches.setdefault(dataloader_idx, []).append(batch)
