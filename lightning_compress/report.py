@@ -116,9 +116,20 @@ def summary_table(
         if comparison is not None and comparison.latency_before is not None:
             b, a = comparison.latency_before, comparison.latency_after
             spread = f"  rounds: {b.low_ms:.3f}-{b.high_ms:.3f} / {a.low_ms:.3f}-{a.high_ms:.3f} ms, interleaved"
-        row("latency (ms/batch)", results[LATENCY_BEFORE], results[LATENCY_AFTER], "{:.3f}", ratio=True, extra=spread)
+        verdict = comparison.latency_verdict if comparison is not None else None
+        reliable = verdict is None or verdict.verdict != "unreliable"  # then no ratio is shown as if it were a fact
+        row(
+            "latency (ms/batch)",
+            results[LATENCY_BEFORE],
+            results[LATENCY_AFTER],
+            "{:.3f}",
+            ratio=reliable,
+            extra=spread,
+        )
+        if verdict is not None:
+            lines.append(f"  latency: {verdict.text}")
         if LATENCY_EAGER in results:
-            row("latency, float eager", results[LATENCY_EAGER], results[LATENCY_AFTER], "{:.3f}", ratio=True)
+            row("latency, float eager", results[LATENCY_EAGER], results[LATENCY_AFTER], "{:.3f}", ratio=reliable)
             lines.append("  latency: before = the float model compiled the same way as the quantized one")
         if comparison is not None and comparison.timed_inputs:
             lines.append(f"  latency: timed on {_timed_inputs(comparison.timed_inputs, comparison.timed_on)}")
@@ -148,7 +159,8 @@ def _footer_lines(
             f"  note: the model's weights are {str(comparison.cast_from).removeprefix('torch.')}; 'float' is a float32 "
             "copy of it, which was quantized"
         )
-    if LATENCY_BEFORE in results and results[LATENCY_AFTER] > results[LATENCY_BEFORE]:
+    verdict = getattr(comparison, "latency_verdict", None)
+    if verdict is not None and verdict.verdict == "slower":  # a lower ratio within the noise is no verdict
         lines.append(
             f"  note: the quantized model is SLOWER here ({results[LATENCY_BEFORE] / results[LATENCY_AFTER]:.2f}x)"
         )
@@ -237,6 +249,11 @@ def artifact_lines(
         lines.append(
             "artifact measured as the quantized model was: "
             + ", ".join(f"{name} {metrics[name]:.4f}" for name in ordered)
+        )
+    elif evaluated and written.calls:
+        lines.append(
+            f"artifact: validation ran it ({written.calls} calls, each compared with the quantized model) but logs "
+            "no metric (`self.log` in `validation_step`), so it has no metric to report"
         )
     elif evaluated:
         lines.append(

@@ -10,7 +10,8 @@ hand-written graph walker would be a second, weaker copy of it. It is an optiona
 
 What is ours: deciding which channels may go, and keeping the outputs equal. A channel may go when the weights of
 every layer producing it are zero; it then carries a constant (its bias through the activation, a BatchNorm shift),
-which is read off the example input at each consumer and folded into that consumer's bias (exactly, for Linear
+which is read off every input given at each consumer (a channel whose value differs within an input or between
+inputs is kept) and folded into that consumer's bias (exactly, for Linear
 consumers and for Conv consumers without padding; with padding, only a constant of 0 is removable). A group this
 code cannot follow (LayerNorm/GroupNorm across channels, attention, anything unknown that holds parameters, or
 channels that reach the model's output) is left dense, with a warning naming the layer and the reason.
@@ -20,8 +21,9 @@ reach (a branch taken on other inputs' values, a head used only in ``training_st
 group's channels, and which ones cannot be known from the trace: then no channel is removed, with a warning naming
 the layer. ``transformers``' ``Conv1D`` (GPT-2) is followed as the Linear it is (see
 :mod:`lightning_compress.layouts`) and comes back a ``Conv1D``. The result is compared with the model on the example
-input before it is returned; on any difference the unshrunk copy is returned instead, with a warning: never a wrong
-model.
+input and on every other input given before it is returned; on any difference the unshrunk copy is returned instead,
+with a warning: never a wrong model on the inputs given. Inputs never given (another keyword value, another branch,
+another shape) are not verified.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -49,14 +52,24 @@ class ShrinkWarning(UserWarning):
     """A group of channels was left dense: the message names the layer and the reason."""
 
 
-def shrink(model: nn.Module, example_input: Any, atol: float = 1e-5) -> nn.Module:
-    """A copy of ``model`` without the channels that structured pruning zeroed; outputs equal on ``example_input``.
+def shrink(model: nn.Module, example_input: Any, atol: float = 1e-5, more_inputs: Sequence[Any] = ()) -> nn.Module:
+    """A copy of ``model`` without the channels that structured pruning zeroed; outputs equal on ``example_input``
+    and on each of ``more_inputs``.
+
+    A zeroed channel still carries a constant (its bias through the activation), which is folded into the layers
+    that consume it; that constant is read on every input given, and a channel whose value differs within an input
+    or between inputs (a ``scale`` keyword, a branch on the data between activations) is kept. The result is
+    compared with the model on every input given. What no given input shows cannot be verified: a keyword value,
+    a branch or an input shape that none of them exercises may still see a constant that differs; pass such inputs
+    in ``more_inputs`` (``DynamicQuantization(shrink=True)`` passes every validation input it captured).
 
     Args:
         model: a float model whose pruned channels are exactly zero (e.g. after ``MagnitudePruning`` with
             ``method="ln_structured"``, ``dim=0``).
-        example_input: a real input, as in ``example_input_array`` (a tensor, a tuple, or a dict of keywords).
-        atol: the largest difference from ``model``'s outputs on ``example_input`` that counts as equal.
+        example_input: a real input, as in ``example_input_array`` (a tensor, a tuple, or a dict of keywords); the
+            model is traced on it (the first of ``more_inputs`` that reaches every layer, when it does not).
+        atol: the largest difference from ``model``'s outputs on an input that counts as equal.
+        more_inputs: other real inputs, each in the same forms as ``example_input``.
 
     Warns:
         ShrinkWarning: channels left in place, with the layer and the reason; a layer holding parameters that the
@@ -68,13 +81,16 @@ def shrink(model: nn.Module, example_input: Any, atol: float = 1e-5) -> nn.Modul
     """
     torch_pruning()  # before the try below, which turns the analysis' own failures into a warning
     copy = compat.uncompiled_copy(model).eval()
-    example = ModelInput.from_example(example_input)
+    examples = [ModelInput.from_example(x) for x in (example_input, *more_inputs)]
     with torch.no_grad():
-        expected = plain_outputs(example(copy))
+        expected = [plain_outputs(example(copy)) for example in examples]
     reference = compat.uncompiled_copy(copy)
     try:
         replaced = layouts.conv1d_as_linear(copy)
-        traced = trace(copy, example)
+        for example in examples:  # trace on the first input that reaches every layer
+            traced = trace(copy, example)
+            if not traced.unreached:
+                break
         if traced.unreached:
             warnings.warn(
                 f"shrink: {describe_modules(traced.unreached)} hold(s) parameters that the example input does not "
@@ -88,7 +104,7 @@ def shrink(model: nn.Module, example_input: Any, atol: float = 1e-5) -> nn.Modul
         # Lazily: each group is computed when yielded, from the layers as the groups before it left them (indices
         # into a concatenation shift once one of its branches has shrunk).
         for group in traced.graph.get_all_groups(root_module_types=_LAYERS):
-            _shrink_group(traced, group, copy, example, names)
+            _shrink_group(traced, group, copy, examples, names)
         layouts.linear_as_conv1d(copy, replaced)
     except Exception as error:  # a model the dependency graph cannot follow: never return a half-shrunk one
         warnings.warn(
@@ -99,16 +115,35 @@ def shrink(model: nn.Module, example_input: Any, atol: float = 1e-5) -> nn.Modul
         )
         return reference
     with torch.no_grad():
-        actual = plain_outputs(example(copy))
-    if not outputs_match(expected, actual, atol=atol, rtol=1e-4):
+        differing = [
+            i
+            for i, (example, want) in enumerate(zip(examples, expected))
+            if not outputs_match(want, plain_outputs(example(copy)), atol=atol, rtol=1e-4)
+        ]
+    if differing:
+        which = "the example input" if differing == [0] else f"{len(differing)} of the {len(examples)} inputs given"
         warnings.warn(
-            "shrink: the shrunk model's outputs differ from the model's on the example input; returning the model "
+            f"shrink: the shrunk model's outputs differ from the model's on {which}; returning the model "
             "unshrunk. Please report this with the model's structure.",
             ShrinkWarning,
             stacklevel=2,
         )
         return reference
     return copy
+
+
+def zeroed_channels(model: nn.Module) -> int:
+    """How many output channels (rows of a Linear, filters of a Conv, columns of a ``Conv1D``) of ``model``'s
+    layers have all-zero weights: what :func:`shrink` may remove."""
+    count = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if not (isinstance(module, _LAYERS) or layouts.is_conv1d(module)) or not isinstance(weight, Tensor):
+            continue
+        moved = weight.detach().movedim(layouts.output_dim(module, "weight"), 0)
+        rows = moved.reshape(moved.shape[0], -1)
+        count += int((~rows.any(dim=1)).sum())
+    return count
 
 
 def torch_pruning(purpose: str = "Shrinking") -> Any:
@@ -235,7 +270,7 @@ def _parameters_behind(tensors: list[Tensor]) -> set[int]:
 
 
 def _shrink_group(
-    traced: Trace, group: Any, model: nn.Module, example: ModelInput, names: dict[nn.Module, str]
+    traced: Trace, group: Any, model: nn.Module, examples: list[ModelInput], names: dict[nn.Module, str]
 ) -> None:
     graph = traced.graph
     root_item = group[0]
@@ -265,16 +300,16 @@ def _shrink_group(
     removable = _zero_channels(producers)
     if not removable:
         return
-    constants = _consumer_inputs(model, example, consumers)
+    constants = _constants(model, examples, consumers, removable)
     varying: set[int] = set()  # zero weights, yet not constant where consumed: something this code does not see
     padded: set[int] = set()  # a padded convolution sees a constant only away from the borders
     folds = []
     for item in consumers:
-        consumer, x = item.dep.target.module, constants[item.dep.target.module]
+        consumer = item.dep.target.module
         for idx, root_idx in zip(item.idxs, item.root_idxs):
             if root_idx not in removable:
                 continue
-            value = _constant(x, idx, consumer)
+            value = constants.get((consumer, idx))
             if value is None:
                 varying.add(root_idx)
             elif value != 0 and not (isinstance(consumer, nn.Linear) or _unpadded(consumer)):
@@ -313,6 +348,24 @@ def _consumer_inputs(model: nn.Module, example: ModelInput, consumers: list[Any]
         for handle in handles:
             handle.remove()
     return captured
+
+
+def _constants(
+    model: nn.Module, examples: list[ModelInput], consumers: list[Any], removable: set[int]
+) -> dict[tuple[nn.Module, int], float]:
+    """``(consumer, input channel) -> value`` for each removable channel that is the same everywhere in what the
+    consumer receives on every one of ``examples`` (one input's activations held at a time)."""
+    seen: dict[tuple[nn.Module, int], set[float | None]] = {}
+    for example in examples:
+        captured = _consumer_inputs(model, example, consumers)
+        for item in consumers:
+            consumer = item.dep.target.module
+            if consumer not in captured:
+                continue
+            for idx, root_idx in zip(item.idxs, item.root_idxs):
+                if root_idx in removable:
+                    seen.setdefault((consumer, idx), set()).add(_constant(captured[consumer], idx, consumer))
+    return {key: values.pop() for key, values in seen.items() if len(values) == 1 and None not in values}
 
 
 def _constant(x: Tensor, idx: int, consumer: nn.Module) -> float | None:

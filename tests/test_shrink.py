@@ -160,10 +160,21 @@ def test_without_torch_pruning_it_says_how_to_get_it(monkeypatch):
         shrink(nn.Linear(2, 2), torch.zeros(1, 2))
 
 
-def test_dynamic_quantization_shrinks_before_quantizing(quiet_trainer_kwargs, tmp_path, run_in_fresh_process, caplog):
+def test_dynamic_quantization_shrinks_before_quantizing(
+    quiet_trainer_kwargs, tmp_path, run_in_fresh_process, caplog, monkeypatch
+):
     import logging
 
     from lightning_compress import DynamicQuantization
+    from lightning_compress.quantization import base
+
+    given = []  # the inputs shrink is given at the end of fit: every validation input captured, of every shape
+
+    def recording(model, example_input, atol=1e-5, more_inputs=()):
+        given.append([example_input, *more_inputs])
+        return shrink(model, example_input, atol, more_inputs)
+
+    monkeypatch.setattr(base, "shrink", recording)
 
     pruning = MagnitudePruning(amount=0.5, method="ln_structured", parameters=["net.0.weight", "net.2.weight"])
     quant = DynamicQuantization(shrink=True, save_path=tmp_path / "small.lcz", compress=True)
@@ -181,6 +192,8 @@ def test_dynamic_quantization_shrinks_before_quantizing(quiet_trainer_kwargs, tm
     shrunk_count = sum(p.numel() for i in (0, 2, 4) for p in (quantized.net[i].weight(), quantized.net[i].bias()))
     assert f"shrink: {_params(model):,} -> {shrunk_count:,} parameters" in table
     assert "shrink: net.0.weight (64, 64) -> (32, 64)" in table
+    shapes = [tuple(x.args[0].shape) for x in given[-1]]
+    assert (256, 64) in shapes and (103, 64) in shapes  # the validation batches, the last (smaller) one included
     x = torch.rand(6, 64)
     assert torch.equal(run_in_fresh_process("load_quantized", tmp_path / "small.lcz", x), quantized(x))
 
@@ -315,3 +328,54 @@ def test_a_model_the_dependency_graph_cannot_follow_comes_back_unshrunk(monkeypa
     with pytest.warns(ShrinkWarning, match="could not follow the model.*cannot trace this.*unshrunk"):
         shrunk = shrink(mlp, torch.randn(2, 4))
     assert shrunk is not mlp and shrunk[0].weight.shape == (4, 4)
+
+
+class Scaled(nn.Module):
+    """A keyword input scales the hidden activations: a zeroed row's constant, relu(bias) * scale, depends on it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x, scale: float = 1.0):
+        return self.fc2(torch.relu(self.fc1(x)) * scale)
+
+
+class Branching(nn.Module):
+    """A branch on the data between the activations, through the same layers (ReLU or sigmoid)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc2(torch.relu(h) if x.mean() > 0 else torch.sigmoid(h))
+
+
+@pytest.mark.parametrize(
+    ("model_type", "other"),
+    [(Scaled, lambda x: {"x": x, "scale": 2.0}), (Branching, lambda x: -x)],
+)
+def test_constants_that_differ_between_inputs_keep_their_channels(model_type, other):
+    torch.manual_seed(0)
+    model = model_type().eval()
+    with torch.no_grad():
+        model.fc1.weight[:8] = 0  # what ln_structured leaves: zero rows, biases kept
+        model.fc1.bias[:4] = -1.0  # relu(-1) * scale is 0 on every input; sigmoid(-1) is not
+        model.fc1.bias[4:8] = 0.5  # relu(0.5) * scale differs with the scale; the branches differ too
+    x, fresh = torch.rand(5, 8), torch.rand(3, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ShrinkWarning)
+        shrunk = shrink(model, x, more_inputs=[other(x)])
+    # a channel is removed only when its constant is the same on every input given; the others stay, named
+    removable = 4 if model_type is Scaled else 0
+    assert shrunk.fc1.out_features == 16 - removable
+    (warned,) = [str(w.message) for w in caught]
+    assert f"left {8 - removable} zeroed channel(s) of 'fc1' in place" in warned
+    assert "they are not constant where they are consumed" in warned
+    with torch.no_grad():
+        for call in (lambda m: m(fresh), lambda m: m(**other(fresh)) if model_type is Scaled else m(other(fresh))):
+            assert torch.allclose(call(shrunk), call(model), atol=1e-6)
+    one_input = shrink(model, x)  # the one-input call still works: it verifies on that input only
+    assert one_input.fc1.out_features == 8

@@ -54,28 +54,36 @@ class AccuracyGuard:
     fixed_baseline: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_drop, bool) or not isinstance(self.max_drop, (int, float)) or not self.max_drop >= 0:
-            raise ValueError(f"`max_drop` must be a number >= 0 in the metric's own units, got {self.max_drop!r}")
+        if not _is_number(self.max_drop) or not 0 <= self.max_drop < math.inf:
+            raise ValueError(
+                f"`max_drop` must be a number >= 0 and finite, in the metric's own units, got {self.max_drop!r}"
+            )
         if self.mode not in ("max", "min"):
             raise ValueError(f"`mode` must be one of ['max', 'min'], got {self.mode!r}")
         if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 1:
             raise ValueError(f"`patience` must be an integer >= 1, got {self.patience!r}")
         if self.baseline is not None:
-            if isinstance(self.baseline, bool) or not isinstance(self.baseline, (int, float)):
-                raise ValueError(f"`baseline` must be None or a number, got {self.baseline!r}")
+            if not _is_number(self.baseline) or not math.isfinite(self.baseline):
+                raise ValueError(
+                    f"`baseline` must be None or a number, a finite one (None: the best validation before pruning "
+                    f"starts), got {self.baseline!r}: a NaN or infinite baseline would hold every update"
+                )
             self.fixed_baseline = True
 
     def observe(self, value: float) -> None:
-        """Record one validation's value; before pruning starts it may become the baseline (the best seen)."""
-        if not math.isfinite(value):
-            value = -math.inf if self.mode == "max" else math.inf
+        """Record one validation's value; before pruning starts it may become the baseline (the best seen). A NaN or
+        infinite value is out of any budget (and the worst baseline); ``latest`` keeps it as it was, for messages."""
         self.latest = value
         self.validations += 1
+        if not math.isfinite(value):
+            value = -math.inf if self.mode == "max" else math.inf
         if not self.pruning_started and not self.fixed_baseline:
             better = max if self.mode == "max" else min
             self.baseline = value if self.baseline is None else better(self.baseline, value)
 
     def within_budget(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
         if self.mode == "max":
             return value >= self.baseline - self.max_drop
         return value <= self.baseline + self.max_drop
@@ -253,3 +261,7 @@ class GuardedSchedule:
         self.target = float(state.get("last_target") or 0.0)
         snapshot = state.get("snapshot")
         self.snapshot = Snapshot.from_state_dict(snapshot, names) if snapshot is not None else None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

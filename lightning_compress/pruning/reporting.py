@@ -219,8 +219,9 @@ def rolled_back_warning(
 
 def unfinished_warning(owner: str, reached: float, final: float, why: str, interval: str, end: int) -> str:
     """Training ended before the schedule reached its final target."""
+    article = "an" if interval[0] in "aeiou" else "a"
     return (
         f"{owner} reached {reached:.2%} sparsity, not the final target {final:.2%}: {why}. The schedule ends at "
-        f"{interval} {end}; set `end` to a {interval} that training reaches (e.g. well before EarlyStopping can stop "
-        "it, or raise EarlyStopping's patience), so the model ends at the sparsity you asked for."
+        f"{interval} {end}; set `end` to {article} {interval} that training reaches (e.g. well before EarlyStopping "
+        "can stop it, or raise EarlyStopping's patience), so the model ends at the sparsity you asked for."
     )

@@ -18,11 +18,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
@@ -33,11 +35,11 @@ from lightning_compress.artifacts.verification import short_error
 from lightning_compress.artifacts.writing import default_forms
 from lightning_compress.inputs import ModelInput
 from lightning_compress.protocols import PruningCallback, QuantizedMetricsPlot, SummaryLines
-from lightning_compress.quantization import figures, isolation, measure, outcomes, saving
+from lightning_compress.quantization import failing, figures, isolation, measure, outcomes, saving, streamed
 from lightning_compress.quantization.config import QuantizationConfig
 from lightning_compress.quantization.copying import CopyReport, float_copy, full_state_dict
-from lightning_compress.quantization.evaluation import Evaluator, naming_the_failing_layer
-from lightning_compress.shrinking import shrink
+from lightning_compress.quantization.evaluation import Evaluator, LayerFailure, naming_the_failing_layer
+from lightning_compress.shrinking import ShrinkWarning, shrink, zeroed_channels
 
 #: Rounds of interleaved timing of the float and the quantized model.
 LATENCY_ROUNDS = 5
@@ -74,6 +76,7 @@ class _Run:
     headline: str | None = None
     to_quantize: nn.Module | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
+    without_data: bool = False
 
 
 class QuantizationCallback(Callback):
@@ -102,6 +105,8 @@ class QuantizationCallback(Callback):
         self.quantized_layers: list[str] = []
         self.layers: list[outcomes.LayerOutcome] = []
         self.kept_float: dict[str, str] = {}
+        self._sanity = streamed.SanityCapture()  # a stream's sanity-check batches (set in on_fit_start)
+        self._code_reads: dict[str, str] = {}  # layers whose weight the model's code reads, found in the rehearsal
 
     # ------------------------------------------------------------------ how to quantize: what a subclass says
     def _select_layers(self, float_model: nn.Module) -> tuple[list[str], dict[str, str]]:
@@ -194,21 +199,51 @@ class QuantizationCallback(Callback):
             )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # After `configure_model` and the strategy's setup; still before the first training step. Rank zero
-        # rehearses, and every rank raises its error, so that no rank waits for another one that stopped.
+        # After `configure_model` and the strategy's setup; still before the first training step. Evaluation data
+        # that reading would change (a stream) is not read: the rehearsal then waits for `on_train_start` and runs
+        # on the batches Lightning's sanity check draws anyway, captured as they pass.
+        self._code_reads = {}
+        self._sanity = streamed.SanityCapture(self._streams(trainer))
+        if not self._sanity.streams:
+            self._rehearse(trainer, pl_module)
+
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if self._sanity.streams and trainer.sanity_checking and trainer.is_global_zero:
+            self._sanity.add(dataloader_idx, _cpu_copy(batch))
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._sanity.streams:
+            per_loader = self._evaluation.uses_validation_step(pl_module)
+            self._rehearse(trainer, pl_module, self._sanity.source(compat.raw_val_dataloaders(trainer), per_loader))
+            self._sanity = streamed.SanityCapture()
+
+    def _streams(self, trainer: pl.Trainer) -> list[str]:
+        """The evaluation loaders the run reads that must not be read before training (:func:`.rehearsal.is_stream`)."""
+        example = getattr(trainer.lightning_module, "example_input_array", None)
+        reads = self.evaluate or (example is None and (self.shrink or self._why_an_input_is_needed() is not None))
+        has_data = self.dataloader is not None or compat.has_val_data(trainer)
+        return self._evaluation.streams(trainer) if reads and has_data else []
+
+    def _rehearse(self, trainer: pl.Trainer, pl_module: pl.LightningModule, source: Any = None) -> None:
+        """Rank zero rehearses (on ``source``: the sanity check's batches of a stream; else the varied validation
+        batches), and every rank raises its error, so that no rank waits for another one that stopped."""
         error = None
         full_state = _gather(trainer, pl_module)
         if trainer.is_global_zero:
             try:
                 with isolation.untouched(pl_module, trainer):
+                    self._sanity.rehearsed_on = source
                     self._run(trainer, pl_module, rehearsal=True, full_state=full_state)
             except Exception as exception:  # reported on every rank below
                 error = str(exception) if isinstance(exception, ValueError) else short_error(exception, 600)
         error = trainer.strategy.broadcast(error, src=0)
         if error is not None:
+            on = "the first, the last and the differently shaped validation batches"
+            on = "the validation batches the sanity check drew" if source is not None else on
             raise ValueError(
-                f"{self._name} rehearsed its end-of-fit work before training (on the first, the last and the "
-                f"differently shaped validation batches), and it failed: {error}"
+                f"{self._name} rehearsed its end-of-fit work before training (on {on}), and it failed: {error}"
             )
 
     # ------------------------------------------------------------------ after training
@@ -236,28 +271,30 @@ class QuantizationCallback(Callback):
         rehearsal: bool,
         full_state: dict[str, torch.Tensor] | None = None,
     ) -> None:
-        """The end-of-fit path; with ``rehearsal`` on varied batches (:mod:`.rehearsal`), writing nothing but a
-        temporary artifact. ``full_state``: the gathered full state dict of a sharded module, which the float copy
-        is made of."""
+        """The end-of-fit path; with ``rehearsal`` on varied batches (:mod:`.rehearsal`), or on the batches a stream
+        gave the sanity check (``_sanity.rehearsed_on``), writing nothing but a temporary artifact. ``full_state``:
+        the gathered full state dict of a sharded module, which the float copy is made of."""
         run = self._copy(pl_module, rehearsal, full_state)
+        source = run.source = self._sanity.rehearsed_on if rehearsal else None
         self._evaluate_float(trainer, pl_module, run)
+        if source is not None:
+            rank_zero_info(f"{self._name}: {streamed.rehearsal_line(self._sanity.streams, source, run)}")
+            if not run.inputs:
+                return  # nothing to run the model on before training: the end of fit is its first run
         self._shrink(run)
         with self._timed(run, "quantize"):
             quantized, run.names = self._quantize(
                 trainer, run.to_quantize, run.names, run.inputs, rehearsal, run.refused
             )
+        quantized, after = self._evaluate_quantized(trainer, run, quantized)
         run.notes += [f"{name} stays float: {reason}" for name, reason in run.refused.items()]
         if rehearsal:
             for line in [*run.notes, run.copy_report.describe()]:
                 if line:
                     rank_zero_info(f"{self._name}: {line}")
-        with self._timed(run, "evaluate quantized"), naming_the_failing_layer(quantized, run.names, self._name):
-            after = self._evaluation.evaluate(trainer, quantized, run.source)[1] if self.evaluate else {}
-            if not self.evaluate and run.inputs:
-                run.inputs[0](quantized)  # it runs, at least
-        if rehearsal:
             if self.save_path is not None:
-                measure = self._artifact_measure(trainer, quantized, run.source)
+                evaluate = self.evaluate and not run.without_data
+                measure = self._artifact_measure(trainer, quantized, run.source) if evaluate else None
                 metadata = self._artifact_metadata()
                 saving.rehearse(
                     self.save_path,
@@ -272,12 +309,73 @@ class QuantizationCallback(Callback):
             return
         self._finish(trainer, run, quantized, after)
 
+    def _evaluate_quantized(
+        self, trainer: pl.Trainer, run: _Run, quantized: nn.Module
+    ) -> tuple[nn.Module, dict[str, float]]:
+        """The quantized model evaluated (or run once, without evaluation). When the model's own code fails on it
+        outside every quantized layer's forward (it reads a layer's ``.weight``), the layers that cause it are found
+        by evidence (:func:`.failing.breaking_layers`), stay float with the reason, are named in an info line, and
+        the model is quantized again without them."""
+        try:
+            return quantized, self._evaluate_once(trainer, run, quantized)
+        except LayerFailure:
+            raise  # inside a quantized layer: it is named, with `exclude=`
+        except Exception:
+            found = self._layers_the_code_reads(trainer, run)
+            if not found:
+                raise
+        run.refused.update(found)
+        self._code_reads.update(found)
+        rank_zero_info(
+            f"{self._name}: the model's code reads the weight of {', '.join(found)} directly and fails on their "
+            f"quantized form, so they stay float; pass exclude={list(found)!r} to skip this search"
+        )
+        kept = [name for name in run.names if name not in found]
+        quantized, run.names = self._quantize(trainer, run.to_quantize, kept, run.inputs, run.rehearsal, run.refused)
+        return quantized, self._evaluate_once(trainer, run, quantized)
+
+    def _evaluate_once(self, trainer: pl.Trainer, run: _Run, quantized: nn.Module) -> dict[str, float]:
+        evaluate = self.evaluate and not run.without_data
+        with self._timed(run, "evaluate quantized"), naming_the_failing_layer(quantized, run.names, self._name):
+            if evaluate:
+                return self._evaluation.evaluate(trainer, quantized, run.source)[1]
+            if run.inputs:
+                run.inputs[0](quantized)  # it runs, at least
+        return {}
+
+    def _layers_the_code_reads(self, trainer: pl.Trainer, run: _Run) -> dict[str, str]:
+        """The quantized layers whose quantized form makes the model's code fail, with the reason
+        (:func:`.failing.layers_the_code_reads`)."""
+        probe = self._probe(trainer, run)
+        if probe is None:
+            return {}
+
+        def quantize_only(subset: list[str]) -> nn.Module:
+            return self._quantize(trainer, run.to_quantize, subset, run.inputs, True, dict(run.refused))[0]
+
+        with self._timed(run, "find the layers the model's code reads"):
+            return failing.layers_the_code_reads(run.names, quantize_only, probe)
+
+    def _probe(self, trainer: pl.Trainer, run: _Run) -> Any:
+        """One run of the model's own code on one batch (its validation on the first batch, else its forward on the
+        first input), or ``None`` when there is nothing to run it on."""
+        if self.evaluate:
+            one = self._evaluation.first_batch(trainer, run.source)
+            if one is not None:
+                return lambda model: self._evaluation.evaluate(trainer, model, one)
+        if run.inputs:
+            return lambda model: run.inputs[0](model)
+        return None
+
     def _copy(self, pl_module: pl.LightningModule, rehearsal: bool, full_state: dict[str, Any] | None) -> _Run:
         stages: dict[str, float] = {}
         copy_report = CopyReport()
         with _timed(stages, "copy"):
             float_model, cast_from = float_copy(pl_module, full_state, copy_report)
             names, refused = self._select_layers(float_model)
+        if not rehearsal:  # found by the rehearsal: the model's code reads their weight
+            refused.update({name: why for name, why in self._code_reads.items() if name in names})
+            names = [name for name in names if name not in refused]
         return _Run(rehearsal, stages, copy_report, float_model, cast_from, names, refused, to_quantize=float_model)
 
     def _evaluate_float(self, trainer: pl.Trainer, pl_module: pl.LightningModule, run: _Run) -> None:
@@ -288,8 +386,18 @@ class QuantizationCallback(Callback):
             example = ModelInput.from_example(example).to("cpu", torch.float32 if run.cast_from is not None else None)
         needs_inputs = self.evaluate or self.shrink or self._why_an_input_is_needed() is not None
         uses_data = self.evaluate or (needs_inputs and example is None)
-        if uses_data and (run.rehearsal or not self.evaluate):
+        if uses_data and (run.rehearsal or not self.evaluate) and run.source is None:
             run.source = self._evaluation.varied_source(trainer)
+        elif uses_data and run.source is None and self._streams(trainer):
+            per_loader = self._evaluation.uses_validation_step(pl_module)
+            limit = self._evaluation.limit(trainer)
+            run.source = streamed.read_once(self._evaluation.loaders(trainer), per_loader, limit)
+            run.notes.append(
+                "the evaluation data is a stream: it was read once, and the float model, the quantized model and "
+                "the artifact were evaluated on those same batches"
+            )
+        run.without_data = run.source is not None and not streamed.has_batches(run.source)
+        uses_data = uses_data and not run.without_data
         inputs, before = [], {}
         with self._timed(run, "evaluate float"):
             if uses_data:
@@ -301,7 +409,7 @@ class QuantizationCallback(Callback):
             run.timed, run.timed_on = [example], "example_input_array"
         run.compared = ([example] if example is not None else []) + inputs
         run.inputs = [example] if example is not None else inputs
-        if needs_inputs and not run.inputs:
+        if needs_inputs and not run.inputs and not run.without_data:
             raise ValueError(
                 "the model's forward was never called during validation, so there is no input to time or trace. "
                 "Set `example_input_array` on the LightningModule (a tensor, a tuple of inputs or a dict of keyword "
@@ -309,16 +417,24 @@ class QuantizationCallback(Callback):
             )
         run.before = before if self.evaluate else {}
         run.headline = _headline(trainer, self.monitor, run.before)
+        limit = self._evaluation.limit(trainer)
+        if not run.rehearsal and self.evaluate and limit != 1.0:
+            run.notes.append(
+                f"evaluated on the batches the trainer validates on (limit_val_batches={limit!r} of each validation "
+                "loader): the float metrics equal the trainer's last validation of the model"
+            )
 
     def _shrink(self, run: _Run) -> None:
+        """Shrink on every input the run has: ``example_input_array`` and each captured validation input (the
+        constants of removed channels are read, and the result verified, on all of them). The rehearsal says
+        nothing about what it removed: that is the pruned model's, at the end of fit."""
         if not self.shrink:
             return
+        inputs = run.compared or run.inputs
         with self._timed(run, "shrink"):
-            run.to_quantize = shrink(run.float_model, run.inputs[0])
-        run.notes = _shape_changes(run.float_model, run.to_quantize)
-        run.notes.append(
-            "shrink: sparsity in the quantized column is over the shrunk weights (removed channels are gone)"
-        )
+            run.to_quantize, caught = _shrunk(run.float_model, inputs)
+        if not run.rehearsal:
+            run.notes += _shrink_lines(run.float_model, run.to_quantize, caught, len(inputs))
 
     def _finish(self, trainer: pl.Trainer, run: _Run, quantized: nn.Module, after: dict[str, float]) -> None:
         """Measure, write the artifact, keep the results on the callback, log, warn and print the summary."""
@@ -401,7 +517,7 @@ class QuantizationCallback(Callback):
                 run.compared,
                 compress=self.compress,
                 metadata=self._artifact_metadata(),
-                measure=self._artifact_measure(trainer, quantized, None),
+                measure=self._artifact_measure(trainer, quantized, run.source),
                 headline=run.headline,
                 owner=self._name,
                 forms=self._artifact_forms,
@@ -444,6 +560,49 @@ def _shape_changes(before: nn.Module, after: nn.Module) -> list[str]:
         if name in shapes and shapes[name] != tuple(p.shape):
             lines.append(f"shrink: {name} {tuple(p.shape)} -> {shapes[name]}")
     return lines
+
+
+def _cpu_copy(batch: Any) -> Any:
+    """A batch as the sanity check passed it, copied to the CPU (its tensors may be reused or changed in place)."""
+    return apply_to_collection(batch, torch.Tensor, lambda t: t.detach().to("cpu", copy=True))
+
+
+def _shrunk(model: nn.Module, inputs: list[ModelInput]) -> tuple[nn.Module, list[warnings.WarningMessage]]:
+    """:func:`lightning_compress.shrink` on all of ``inputs``, and the ShrinkWarnings it gave (shown as it gave them;
+    they also explain a shrink that removed nothing)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ShrinkWarning)
+        shrunk = shrink(model, inputs[0], more_inputs=inputs[1:])
+    for warning in caught:
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return shrunk, [warning for warning in caught if issubclass(warning.category, ShrinkWarning)]
+
+
+def _shrink_lines(before: nn.Module, after: nn.Module, caught: list[warnings.WarningMessage], inputs: int) -> list[str]:
+    """The summary's lines about shrinking: what changed, or why nothing did."""
+    if _count(after) != _count(before):
+        note = "shrink: sparsity in the quantized column is over the shrunk weights (removed channels are gone)"
+        return [*_shape_changes(before, after), note]
+    return [_why_nothing_shrank(before, caught, inputs)]
+
+
+def _why_nothing_shrank(model: nn.Module, caught: list[warnings.WarningMessage], inputs: int) -> str:
+    """The summary's one line when shrink removed no channel, with the reason."""
+    zeroed = zeroed_channels(model)
+    if not zeroed:
+        why = (
+            "no output channel of a Linear or convolution has all-zero weights (shrink removes the channels "
+            "structured pruning zeroed, e.g. MagnitudePruning(method='ln_structured', dim=0); unstructured zeros "
+            "stay as sparsity)"
+        )
+    elif caught:
+        why = f"the {zeroed} zeroed channel(s) stay: {str(caught[0].message).removeprefix('shrink: ')[:240]}"
+    else:
+        why = (
+            f"the {zeroed} zeroed channel(s) stay: they are part of the model's output, or not constant where they "
+            f"are consumed on the {inputs} input(s) shrink was given"
+        )
+    return f"shrink: removed nothing ({_count(model):,} parameters): {why}"
 
 
 def _count(model: nn.Module) -> int:

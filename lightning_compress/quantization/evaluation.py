@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from lightning_compress import compat
 from lightning_compress.artifacts.verification import CheckedArtifact, short_error
 from lightning_compress.inputs import ModelInput, capture_inputs
-from lightning_compress.quantization import measure, rehearsal
+from lightning_compress.quantization import measure, rehearsal, streamed
 
 #: Inputs the model's forward receives during an evaluation that are kept (for latency and tracing), at most.
 CAPTURED_INPUTS = 32
@@ -123,9 +123,39 @@ class Evaluator:
         ``None``: all of it) and the inputs its forward got (up to ``CAPTURED_INPUTS``)."""
         if self.uses_validation_step(model):
             loaders = source if source is not None else compat.raw_val_dataloaders(trainer)
-            return capture_inputs(model, lambda: validate(model, loaders), CAPTURED_INPUTS)
+            limit = self.limit(trainer) if source is None else 1.0
+            return capture_inputs(model, lambda: validate(model, loaders, limit), CAPTURED_INPUTS)
         batches = source if source is not None else self.batches(trainer)
         return capture_inputs(model, lambda: {"accuracy": self.metric_value(model, batches)}, CAPTURED_INPUTS)
+
+    def limit(self, trainer: pl.Trainer) -> int | float:
+        """How many batches of each of the trainer's validation loaders an evaluation of all of them reads: the
+        trainer's ``limit_val_batches``, so that ``_before`` is measured on the batches the trainer validates on (a
+        ``dataloader=`` of the user's is read whole)."""
+        return trainer.limit_val_batches if self.dataloader is None else 1.0
+
+    def streams(self, trainer: pl.Trainer) -> list[str]:
+        """The evaluation loaders that reading would change (:func:`lightning_compress.quantization.rehearsal.
+        is_stream`), described; the rehearsal must not read them."""
+        return rehearsal.streams(self.loaders(trainer))
+
+    def loaders(self, trainer: pl.Trainer) -> Any:
+        """The loader(s) evaluation reads: the trainer's validation dataloader(s), or ``dataloader``."""
+        uses_own = self.uses_validation_step(trainer.lightning_module) or self.dataloader is None
+        return compat.raw_val_dataloaders(trainer) if uses_own else self.dataloader
+
+    def first_batch(self, trainer: pl.Trainer, source: Any = None) -> Any:
+        """The first batch of the evaluation data (``source`` as in :meth:`evaluate`), in the form :meth:`evaluate`
+        takes; ``None`` when there is none."""
+        if self.uses_validation_step(trainer.lightning_module):
+            loaders = source if source is not None else compat.raw_val_dataloaders(trainer)
+            if isinstance(loaders, dict):
+                loaders = list(loaders.values())
+            first = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
+        else:
+            first = source if source is not None else self.batches(trainer)
+        batch = next(iter(first), None)
+        return None if batch is None else rehearsal.Batches([batch])
 
     def varied_source(self, trainer: pl.Trainer) -> Any:
         """The first, the last and the differently shaped batches of each evaluation loader
@@ -165,9 +195,10 @@ class Evaluator:
         source = self.dataloader if self.dataloader is not None else compat.raw_val_dataloaders(trainer)
         is_loaders = isinstance(source, (list, tuple)) and source and all(isinstance(s, DataLoader) for s in source)
         loaders = source if is_loaders else [source]
+        limit = self.limit(trainer)
         empty = True
         for loader in loaders:
-            for batch in rehearsal.varied_batches(loader) if varied else loader:
+            for batch in rehearsal.varied_batches(loader) if varied else streamed.limited(loader, limit):
                 empty = False
                 yield measure.to_device(batch, torch.device("cpu"))
         if empty:
@@ -185,7 +216,7 @@ class Evaluator:
                 # a shallow copy (same layers) runs the artifact; the quantized model stays what it is compared with
                 runner = copy.copy(quantized)
                 with _forward_replaced(runner, checked):
-                    return validate(runner, loaders)
+                    return validate(runner, loaders, self.limit(trainer) if source is None else 1.0)
 
             return validate_artifact
 
@@ -223,6 +254,10 @@ def _describe(value: Any) -> str:
     return type(value).__name__
 
 
+class LayerFailure(ValueError):
+    """Raised inside a quantized layer's own forward (see :func:`naming_the_failing_layer`)."""
+
+
 @contextlib.contextmanager
 def naming_the_failing_layer(model: nn.Module, names: list[str], owner: str = "DynamicQuantization") -> Iterator[None]:
     """Run the body; when it raises inside one of the named (quantized) layers of ``model``, raise a
@@ -249,7 +284,7 @@ def naming_the_failing_layer(model: nn.Module, names: list[str], owner: str = "D
         if not active:
             raise
         name = active[-1]
-        raise ValueError(
+        raise LayerFailure(
             f"the quantized layer {name!r} ({type(modules[name]).__name__}) fails on its input "
             f"({short_error(error, 160)}). Leave it in float with {owner}(exclude=[{name!r}])"
         ) from error

@@ -42,6 +42,46 @@ class Latency:
     batches: int = 1
 
 
+#: A model's slowest round this many times its fastest: the machine was busy while timing, no verdict is drawn.
+BUSY_SPREAD = 3.0
+
+
+@dataclasses.dataclass
+class LatencyVerdict:
+    """What two models' timings allow one to say: ``"faster"`` or ``"slower"`` (the quantized model, when every
+    round of one model was faster than every round of the other: their ranges of round medians do not overlap),
+    ``"too close to call"`` (the ranges overlap: the ratio of medians is within the noise), or ``"unreliable"``
+    (a model's slowest round is at least :data:`BUSY_SPREAD` times its fastest: the machine was busy). ``text``
+    says it in words, with the figures it rests on."""
+
+    verdict: str
+    text: str
+
+
+def latency_verdict(before: Latency, after: Latency, busy_spread: float = BUSY_SPREAD) -> LatencyVerdict:
+    """The verdict on the quantized model's latency (``after``) against the float one's (``before``) from the
+    spread of their interleaved rounds (see :class:`LatencyVerdict`); a ratio of medians is never a verdict alone."""
+    rounds = f"rounds {before.low_ms:.3f}-{before.high_ms:.3f} / {after.low_ms:.3f}-{after.high_ms:.3f} ms"
+    spread = max(_spread(before), _spread(after))
+    if spread >= busy_spread:
+        return LatencyVerdict(
+            "unreliable",
+            f"timing unreliable: the slowest round took {spread:.1f}x the fastest ({rounds}), so the machine was "
+            "busy while timing; no ratio is claimed. Time again on a quiet machine",
+        )
+    if after.high_ms < before.low_ms:
+        return LatencyVerdict("faster", f"quantized faster in every round ({rounds})")
+    if after.low_ms > before.high_ms:
+        return LatencyVerdict("slower", f"quantized slower in every round ({rounds})")
+    return LatencyVerdict(
+        "too close to call", f"too close to call: the two models' rounds overlap ({rounds}), within the noise"
+    )
+
+
+def _spread(latency: Latency) -> float:
+    return latency.high_ms / latency.low_ms if latency.low_ms > 0 else float("inf")
+
+
 @dataclasses.dataclass
 class Comparison:
     """What quantization did to a model, every figure measured on it.
@@ -71,14 +111,22 @@ class Comparison:
             return None
         return self.latency_before.median_ms / self.latency_after.median_ms
 
+    @property
+    def latency_verdict(self) -> LatencyVerdict | None:
+        if self.latency_before is None or self.latency_after is None:
+            return None
+        return latency_verdict(self.latency_before, self.latency_after)
+
     def regressions(self) -> list[str]:
-        """What got worse, in words: a slower quantized model, a larger one."""
+        """What got worse, in words: a quantized model slower in every timed round (:func:`latency_verdict`), a
+        larger one."""
         found = []
-        if self.speedup is not None and self.speedup < 1:
+        verdict = self.latency_verdict
+        if verdict is not None and verdict.verdict == "slower":
             found.append(
                 f"the quantized model is slower than the float one on this machine ({self.latency_after.median_ms:.3f}"
-                f" against {self.latency_before.median_ms:.3f} ms per batch, {self.speedup:.2f}x); {self.coverage:.1%}"
-                " of its parameters are in quantized layers"
+                f" against {self.latency_before.median_ms:.3f} ms per batch, {self.speedup:.2f}x, {verdict.text}); "
+                f"{self.coverage:.1%} of its parameters are in quantized layers"
             )
         if self.size_mb_after > self.size_mb_before:
             causes = "; ".join(self.size_causes) or "no layer's own bytes grew (the difference is the file's layout)"

@@ -45,8 +45,9 @@ class LayerOutcome:
             :mod:`.linear_like` converted into a Linear (``"Conv1D"`` or a Linear subclass's name).
         dtype: what its weights run as in the quantized model: ``"qint8"``, ``"float16"`` (dynamically
             quantized), or the float dtype it kept (``"float32"``).
-        parameters: entries of its own parameters; a parameter shared by several modules is counted once, under
-            the first name ``named_parameters()`` gives it.
+        parameters: entries of its own parameters; a parameter shared by several modules is counted once: under
+            the first of them that runs quantized (a tied weight runs quantized when one layer holding it does),
+            else under the first name ``named_parameters()`` gives it.
         reason: why it stayed float (``None`` when it runs quantized).
         weights: names of its own parameters of two or more dimensions (shared ones included): the rows of the
             summary table.
@@ -99,7 +100,7 @@ def layer_outcomes(
     """
     ran = quantized_dtypes(quantized)
     tied = tied_layers(float_model)
-    first_owner = {id(p): n for n, p in float_model.named_parameters()}
+    first_owner = _counting_owners(float_model, ran)
     outcomes = []
     for name, module in float_model.named_modules():
         own = list(module.named_parameters(recurse=False, remove_duplicate=False))
@@ -124,6 +125,19 @@ def coverage(outcomes: Iterable[LayerOutcome]) -> float:
     outcomes = list(outcomes)
     total = sum(o.parameters for o in outcomes)
     return sum(o.parameters for o in outcomes if o.quantized) / total if total else float("nan")
+
+
+def _counting_owners(float_model: nn.Module, ran: Mapping[str, str]) -> dict[int, str]:
+    """``id(parameter) -> the qualified name it is counted under``: the first module holding it that runs quantized
+    (in ``ran``), else its first name. So coverage counts GPT-2's tied ``wte``/``lm_head`` weight as quantized when
+    ``lm_head`` runs quantized, and once."""
+    owners: dict[int, str] = {}
+    for name, module in float_model.named_modules():
+        prefix = f"{name}." if name else ""
+        for own, p in module.named_parameters(recurse=False, remove_duplicate=False):
+            if id(p) not in owners or (name in ran and owners[id(p)].rpartition(".")[0] not in ran):
+                owners[id(p)] = prefix + own
+    return owners
 
 
 def _float_reason(

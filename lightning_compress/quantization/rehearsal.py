@@ -1,5 +1,8 @@
 """Which validation batches the rehearsal before training runs on: those on which calls can differ.
 
+Only what can be read without side effects is read (:func:`is_stream`): for a stream, the rehearsal takes the
+batches Lightning's sanity check draws anyway, as they pass (see ``QuantizationCallback``).
+
 A forward that loops over time steps, packs sequences or pads to the batch's longest one computes differently on
 each shape, and the last batch of a dataset is usually smaller than the others: rehearsing on one batch proves
 nothing about them. :func:`varied_batches` picks the first batch, the first batch of each other shape among the
@@ -73,6 +76,38 @@ def _last_batch(loader: Iterable[Any], iterator: Iterator[Any]) -> Any:
         return loader.collate_fn(dataset[index[0]]) if index else None
     remaining = collections.deque(iterator, maxlen=1)
     return remaining[0] if remaining else None
+
+
+def is_stream(loader: Any) -> bool:
+    """Whether reading ``loader`` could change what it yields later: anything but a sequence of batches or a
+    ``DataLoader`` over a map-style dataset whose sampler has no generator of its own. An ``IterableDataset`` that
+    draws from its own generator, a one-shot iterator or a sampler with a ``generator=`` would give training's
+    validation other batches after the rehearsal had read them (the global generators are restored, these are not).
+    """
+    if isinstance(loader, (Sequence, Batches)):
+        return False
+    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
+        return True
+    samplers = [loader.sampler, getattr(loader.batch_sampler, "sampler", None)]
+    return any(getattr(sampler, "generator", None) is not None for sampler in samplers)
+
+
+def streams(loaders: Any) -> list[str]:
+    """Descriptions of the loaders among ``loaders`` (one, a list or a dict of them) that are streams
+    (:func:`is_stream`), e.g. ``"DataLoader over Stream (an IterableDataset)"``."""
+    if isinstance(loaders, dict):
+        loaders = list(loaders.values())
+    if not (isinstance(loaders, (list, tuple)) and loaders and all(isinstance(x, DataLoader) for x in loaders)):
+        loaders = [loaders]
+    return [_describe_loader(loader) for loader in loaders if is_stream(loader)]
+
+
+def _describe_loader(loader: Any) -> str:
+    if not isinstance(loader, DataLoader):
+        return f"a {type(loader).__name__}"
+    if isinstance(loader.dataset, IterableDataset):
+        return f"a DataLoader over {type(loader.dataset).__name__} (an IterableDataset)"
+    return "a DataLoader whose sampler has a generator of its own"
 
 
 def varied_loaders(loaders: Any) -> Any:

@@ -8,6 +8,7 @@ from helpers import DigitsDataModule, DigitsMLP, Probe, assert_fails_before_trai
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lightning_compress import DynamicQuantization, MagnitudePruning
+from lightning_compress.pruning import reporting
 from lightning_compress.pruning.guard import HOLD, RAISE, ROLL_BACK, STOP, AccuracyGuard
 
 
@@ -43,6 +44,28 @@ def test_min_mode_and_non_finite_values():
     assert guard.decide() == RAISE
     guard.observe(float("nan"))  # a diverged loss is out of any budget
     assert guard.decide() == ROLL_BACK
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_baseline_or_max_drop_is_refused_at_construction_naming_the_argument(value):
+    with pytest.raises(ValueError, match="`baseline` must be None or a number, a finite one"):
+        MagnitudePruning(amount=0.5, monitor="val_acc", max_drop=0.02, baseline=value)
+    if value > 0 or value != value:  # max_drop=-inf is refused as negative already
+        with pytest.raises(ValueError, match="`max_drop` must be a number >= 0 and finite"):
+            MagnitudePruning(amount=0.5, monitor="val_acc", max_drop=value)
+
+
+def test_a_nan_metric_is_printed_as_nan_and_judged_out_of_budget():
+    for mode, value in (("max", float("nan")), ("min", float("nan")), ("max", float("inf")), ("min", -float("inf"))):
+        guard = AccuracyGuard(max_drop=0.05, mode=mode, patience=2, baseline=0.5)
+        guard.observe(value)
+        assert guard.decide() == HOLD, (mode, value)  # a non-finite value is never within the budget
+        held = reporting.held_line("MagnitudePruning", "epoch 1", guard, "val", 0.05, 0.1, 0.2)
+        assert f"val={value:.4f} is outside the budget" in held
+        guard.observe(value)
+        assert guard.decide() == ROLL_BACK
+        rolled = reporting.rolled_back_warning("MagnitudePruning", guard, "val", 0.05, 2, 0.1, True)
+        assert f"(last {value:.4f}," in rolled  # "nan" for a NaN (it read "inf"), the infinity it was otherwise
 
 
 def test_without_a_baseline_a_raise_waits_for_one_and_state_round_trips():

@@ -180,3 +180,43 @@ def test_slowdowns_and_size_increases_are_warned_about_and_stated():
     table = summary_table(results, "qint8", comparison=comparison, stage_seconds={"quantize": 0.5})
     assert "SLOWER here (0.50x)" in table and "LARGER" in table and "coverage: 25.0%" in table
     assert "weights are float16" in table and "time: quantize 0.50 s" in table
+
+
+# ---------------------------------------------------------------------------------------------- latency verdicts
+def _latency(*rounds_ms):
+    """A Latency from given per-round medians (figures, not timings)."""
+    ordered = sorted(rounds_ms)
+    return figures.Latency(ordered[len(ordered) // 2], ordered[0], ordered[-1])
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "verdict"),
+    [
+        ((1.00, 1.02, 1.05, 1.01, 1.03), (0.50, 0.52, 0.55, 0.51, 0.53), "faster"),
+        ((1.00, 1.02, 1.05, 1.01, 1.03), (1.20, 1.22, 1.25, 1.21, 1.23), "slower"),
+        # the trial's 32.005 against 31.971 ms: a ratio below 1, within the rounds' spread
+        ((31.5, 31.9, 31.97, 32.4, 33.0), (31.6, 31.8, 32.005, 32.3, 32.9), "too close to call"),
+        ((1.00, 1.30, 1.10, 1.20, 1.05), (1.15, 1.40, 1.25, 1.35, 1.20), "too close to call"),
+        # the trial under load: rounds 3.916-399.972 / 1.725-367.968 ms, shown as a 2.83x ratio
+        ((3.916, 50.0, 120.0, 250.0, 399.972), (1.725, 30.0, 42.4, 200.0, 367.968), "unreliable"),
+        ((1.0, 1.0, 1.0, 1.0, 4.0), (0.5, 0.5, 0.5, 0.5, 0.5), "unreliable"),
+    ],
+)
+def test_latency_verdicts_follow_from_the_rounds_spread(before, after, verdict):
+    judged = figures.latency_verdict(_latency(*before), _latency(*after))
+    assert judged.verdict == verdict
+    comparison = figures.Comparison({}, {}, 1.0, 1.0, 0.5, _latency(*before), _latency(*after))
+    warned = [r for r in comparison.regressions() if "slower" in r]
+    assert bool(warned) == (verdict == "slower")  # only a slowdown seen in every round is warned about
+    results = {
+        "quantization/size_mb_before": 1.0,
+        "quantization/size_mb_after": 1.0,
+        "quantization/latency_ms_before": comparison.latency_before.median_ms,
+        "quantization/latency_ms_after": comparison.latency_after.median_ms,
+    }
+    table = summary_table(results, "qint8", comparison=comparison)
+    row = next(line for line in table.splitlines() if line.strip().startswith("latency (ms/batch)"))
+    assert (f"{comparison.speedup:.2f}x" in row) == (verdict != "unreliable")  # no ratio stated as fact under load
+    assert f"latency: {judged.text}" in table and ("SLOWER" in table) == (verdict == "slower")
+    if verdict == "unreliable":
+        assert "timing unreliable" in judged.text and "busy" in judged.text

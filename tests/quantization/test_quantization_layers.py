@@ -115,6 +115,15 @@ def test_gpt2_conv1d_layers_are_quantized_and_the_tied_head_stays_float(caplog):
     grown = serialized_size_bytes(tied_head) - serialized_size_bytes(float_model)
     assert _stated_bytes(larger) == pytest.approx(grown, rel=0.05)  # the cause accounts for the whole growth
 
+    # a tied weight counts as quantized once a layer holding it runs quantized: alone, and with every Linear
+    for modules in (["model.lm_head"], ["model.lm_head", nn.Linear]):
+        names = dynamic.select_modules(float_model, modules)
+        quantized = dynamic.quantize(float_model, torch.qint8, names)
+        counted = outcomes.coverage(outcomes.layer_outcomes(float_model, quantized, modules))
+        assert counted == pytest.approx(_independent_coverage(float_model, quantized))
+        assert figures.compare(float_model, quantized, names).coverage == pytest.approx(counted)
+    assert counted > results["quantization/coverage"] + 0.05  # the head's share, which the default leaves float
+
 
 # ---------------------------------------------------------------------------------------------- CNN + attention
 class ConvAttention(_Classifier):
