@@ -77,7 +77,7 @@ def part_of(name: str, parameter: Tensor) -> Part:
         or any(p.dim != 0 for p in shards)
     ):
         raise ValueError(
-            f"MagnitudePruning supports parameters sharded on dim 0 (FSDP2's fully_shard, optionally replicated "
+            f"Pruning supports parameters sharded on dim 0 (FSDP2's fully_shard, optionally replicated "
             f"across a second mesh dimension as in HSDP); {name!r} has placements {placements}. Exclude it "
             "(`exclude=[...]`) or shard it with fully_shard's default placement."
         )

@@ -85,6 +85,12 @@ class StaticQuantization(QuantizationCallback):
         shrink: bool = False,
     ) -> None:
         own = StaticConfig(modules, calibration_batches, backend)
+        if save_path is not None and os.fspath(save_path).lower().endswith(".onnx"):
+            raise ValueError(
+                f"StaticQuantization(save_path={os.fspath(save_path)!r}): StaticQuantization writes a torch.export "
+                "program, not ONNX (a static QDQ ONNX artifact is not built yet). Name it '.pt2', or use "
+                "DynamicQuantization for an ONNX artifact."
+            )
         shared = QuantizationConfig(
             evaluate, metric, dataloader, save_path, baseline_accuracy, False, monitor, exclude, shrink
         )

@@ -189,6 +189,7 @@ def test_dynamic_and_static_quantization_in_one_trainer_is_a_setup_error(quiet_t
         ({"calibration_batches": 0}, "`calibration_batches` must be a positive int"),
         ({"backend": "fbgemm"}, r"`backend` must be one of \['x86_inductor'\]"),
         ({"modules": [3]}, "`modules` must be None or layer types"),
+        ({"save_path": "model.onnx"}, r"writes a torch.export program, not ONNX.*Name it '.pt2'"),
     ],
 )
 def test_arguments_are_checked_at_construction(kwargs, match) -> None:
