@@ -611,6 +611,20 @@ class MovementPruning(ScheduledPruning):
     def _make_score(self) -> Score:
         return MovementScore()
 
+    def _prepare_selection(
+        self, pl_module: pl.LightningModule, selected: dict[str, Tensor]
+    ) -> tuple[list[str], dict[str, Tensor]]:
+        # A frozen parameter gets no gradient, so its scores stay 0 and an update would prune it by position.
+        frozen = [name for name, param in selected.items() if not param.requires_grad]
+        if frozen:
+            shown = ", ".join(frozen[:5]) + (f" and {len(frozen) - 5} more" if len(frozen) > 5 else "")
+            raise ValueError(
+                f"MovementPruning scores weights by how training moves them, but {shown} "
+                f"{'is' if len(frozen) == 1 else 'are'} frozen (requires_grad=False): no gradient, no score. "
+                "Leave them out (`exclude=[...]`), or prune them with MagnitudePruning."
+            )
+        return super()._prepare_selection(pl_module, selected)
+
     def _start_schedule(self, trainer: pl.Trainer, resumed: dict[str, Any] | None) -> None:
         super()._start_schedule(trainer, resumed)
         if resumed is None and self._progress.first_raise() == 0:

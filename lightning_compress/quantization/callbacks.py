@@ -140,6 +140,16 @@ class DynamicQuantization(QuantizationCallback):
                 f"`dtype={self.dtype!r}` with an ONNX artifact: ONNX Runtime's dynamic quantization writes int8 "
                 "weights only. Use dtype='qint8', or a TorchScript `save_path` (e.g. 'model.ts')"
             )
+        chosen = {"modules": self.modules is not None, "exclude": bool(self.exclude)}
+        chosen["sparse_kernels='auto'"] = self.sparse_kernels == "auto"
+        if self._artifact_forms == ("onnx",) and any(chosen.values()):
+            # ONNX Runtime quantizes the exported float graph on its own (every MatMul/Gemm it supports): the file
+            # would not be the quantized model these settings shape and the figures describe.
+            raise ValueError(
+                f"{', '.join(k for k, v in chosen.items() if v)} with an ONNX artifact: ONNX Runtime quantizes the "
+                "exported float model itself, so the file would not hold the layers these settings choose. Drop "
+                "them, or write a TorchScript `save_path` (e.g. 'model.ts')"
+            )
         self.kernel_choices: dict[str, KernelChoice] = {}
 
     # ------------------------------------------------------------------ how to quantize

@@ -209,3 +209,9 @@ def test_an_export_failure_is_caught_by_the_rehearsal_before_training(quiet_trai
         datamodule=DigitsDataModule(),
     )
     assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("kwargs", [{"exclude": ["net.4"]}, {"modules": [torch.nn.Linear]}, {"sparse_kernels": "auto"}])
+def test_settings_that_onnx_runtime_would_ignore_are_refused_at_construction(kwargs, tmp_path):
+    with pytest.raises(ValueError, match="with an ONNX artifact: ONNX Runtime quantizes the exported float model"):
+        DynamicQuantization(save_path=tmp_path / "model.onnx", **kwargs)

@@ -253,3 +253,12 @@ def test_bad_arguments_fail_at_construction_or_before_training(quiet_trainer_kwa
         r"prunes at epoch 0, before any optimizer step: every movement score is still 0",
         datamodule=DigitsDataModule(),
     )
+    frozen = DigitsMLP(hidden=8)
+    frozen.net[0].requires_grad_(False)  # fine-tuning with a frozen first layer: it would be pruned by position
+    assert_fails_before_training(
+        {**quiet_trainer_kwargs, "limit_train_batches": 2, "limit_val_batches": 0},
+        [MovementPruning(amount=0.5, start=1)],
+        frozen,
+        r"net\.0\.weight is frozen \(requires_grad=False\).*`exclude=\[\.\.\.\]`",
+        datamodule=DigitsDataModule(),
+    )
