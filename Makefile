@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC := torch==2.13.0
 
-.PHONY: test demo lint bench clean
+.PHONY: test test-all demo lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,6 +14,11 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: $(VENV)/.installed
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q -n 2 -m "not slow" --durations=15
+
+# the whole suite, with the slow multi-process variants (about 1 minute more)
+test-all: $(VENV)/.installed
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q -n 2 --durations=15
 

@@ -29,7 +29,8 @@ def _run_fits(tmp_path, methods):
     return {m: [torch.load(tmp_path / m / f"rank{r}.pt", weights_only=True) for r in (0, 1)] for m in methods}
 
 
-@pytest.mark.parametrize("methods", ["l1_unstructured", "random_unstructured+movement", "guard"])
+# several fits per 2-process launch: each launch costs about 10 s of the suite
+@pytest.mark.parametrize("methods", ["l1_unstructured+random_unstructured+movement", "guard"])
 def test_ranks_agree_on_masks_and_weights(tmp_path, methods):
     for method, (rank0, rank1) in _run_fits(tmp_path, methods.split("+")).items():
         _check_ranks_agree(method, rank0, rank1)

@@ -74,6 +74,7 @@ def test_cnn_shrink_example(tmp_path):
     assert "accuracy guard on val_acc" in out
 
 
+@pytest.mark.slow
 def test_fsdp_example(tmp_path):
     out = _run(tmp_path, EXAMPLES / "digits_fsdp.py", "--epochs", "3", "--root", tmp_path / "runs")
     assert "rank 0: net.0.weight shard (128, 64) of (256, 64)" in out

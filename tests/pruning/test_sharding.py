@@ -16,6 +16,7 @@ def _run_script(script: str, *args, timeout: int = 240) -> subprocess.CompletedP
     return result
 
 
+@pytest.mark.slow
 def test_sharded_engine_finds_the_masks_of_one_process_holding_the_full_tensors(tmp_path):
     _run_script("sharded_engine_script.py", tmp_path)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
@@ -69,7 +70,7 @@ def _oracle_masks(case: str, initial: dict[str, torch.Tensor]) -> dict[str, torc
     return {name: h.weight_mask.bool() for name, h in holders.items()}
 
 
-@pytest.mark.parametrize("layout", ["fsdp", "hsdp"])
+@pytest.mark.parametrize("layout", ["fsdp", pytest.param("hsdp", marks=pytest.mark.slow)])
 def test_sharded_masks_equal_the_oracle_on_the_gathered_initial_weights(tmp_path, layout):
     cases = ["l1_global", "l1_layerwise", "random", "ln_dim0", "ln_dim1", "movement"]
     results = _fsdp_results(tmp_path, layout, *cases)
@@ -119,7 +120,7 @@ def _check_sharded_movement(rank0, rank1):
             assert not rank0["final"][name][~keep].any(), name
 
 
-@pytest.mark.parametrize("checkpoint_format", ["dcp", "full"])
+@pytest.mark.parametrize("checkpoint_format", ["dcp", pytest.param("full", marks=pytest.mark.slow)])
 def test_resuming_mid_schedule_gives_the_weights_and_masks_of_an_uninterrupted_run(tmp_path, checkpoint_format):
     run = f"resume_{checkpoint_format}"
     results = _fsdp_results(tmp_path, "fsdp", f"{run}_full", f"{run}_first", f"{run}_second")
@@ -171,7 +172,7 @@ def test_quantization_gathers_the_model_and_writes_one_artifact_that_loads_in_a_
     assert float(rows[0]["quantization/sparsity_before"]) == pytest.approx(0.5, abs=1e-3)
 
 
-@pytest.mark.parametrize("when", ["early", "late"])
+@pytest.mark.parametrize("when", [pytest.param("early", marks=pytest.mark.slow), "late"])
 def test_a_quantization_failure_on_rank_zero_ends_every_rank_without_hanging(tmp_path, when):
     result = subprocess.run(
         [sys.executable, str(TESTS_DIR / "fsdp_script.py"), tmp_path, "fsdp", f"quantize_fails_{when}"],
@@ -189,6 +190,7 @@ def test_a_quantization_failure_on_rank_zero_ends_every_rank_without_hanging(tmp
         assert "The trained float model and its checkpoints are intact" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_model_this_project_did_not_write_lightnings_demo_transformer(tmp_path):
     (rank0, rank1) = _fsdp_results(tmp_path, "fsdp", "demo")["demo"]
     # attention, feed-forward, embedding and head weights, some in the root's group (left unsharded by the sanity
