@@ -64,7 +64,9 @@ class StaticQuantization(QuantizationCallback):
     Logged: the keys of ``DynamicQuantization``, where ``quantization/latency_ms_before`` is the float model compiled
     the same way (exported, ``torch.compile`` with freezing), so the ratio is quantization's own gain, plus
     ``quantization/latency_ms_eager`` (the float model as it is run in eager PyTorch); ``quantization/coverage`` is
-    the fraction of the model's parameters in convolutions and Linear layers whose weights run in int8.
+    the fraction of the model's parameters in convolutions and Linear layers whose weights run in int8. Not logged
+    here: ``quantization/sparsity_before``/``_after`` and the per-weight zeros (the converted program renames the
+    weights, so the pruned parameters cannot be matched in it yet).
 
     Needs ``pip install 'lightning_compress[static]'`` (torchao), checked at construction. One quantization method per
     Trainer: with ``DynamicQuantization`` in the same Trainer, ``setup`` raises.
