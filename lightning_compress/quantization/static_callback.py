@@ -99,6 +99,7 @@ class StaticQuantization(QuantizationCallback):
         super().__init__(shared)
         self.modules, self.calibration_batches, self.backend = own.modules, own.calibration_batches, own.backend
         self.reused_modules: list[str] = []
+        self.calibrated_batches = 0  # how many training batches the fit-end calibration ran on
         self._int8: list[str] = []
         self._selected: list[str] = []
 
@@ -134,6 +135,10 @@ class StaticQuantization(QuantizationCallback):
             with exported.compiling(True):  # one compile proves that inductor lowers the int8 program here
                 (inputs or calibration)[0](quantized)
         else:
+            self.calibrated_batches = len(calibration)
+            fewer = len(calibration) < self.calibration_batches
+            asked = f" (calibration_batches={self.calibration_batches}; the training data gave fewer)" if fewer else ""
+            rank_zero_info(f"{self._name}: activations calibrated on {len(calibration)} training batch(es){asked}")
             rank_zero_info(
                 f"{self._name}: the int8 program is compiled (torch.compile, freezing on) at its first call of each "
                 "input shape: seconds for a small CNN, tens of seconds for a ResNet-18"

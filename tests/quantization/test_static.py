@@ -98,6 +98,7 @@ def test_static_int8_after_groups_pruning_and_shrink(fitted) -> None:
     int8 = {"stem.0", "block.conv1", "block.conv2", "head.0", "head.2"}
     assert {name for name, dtype in ran.items() if dtype == "int8"} == int8
     assert callback.reused_modules == ["block.relu"]
+    assert callback.calibrated_batches == 4
     shrunk = callback.quantized_model
     assert isinstance(shrunk.int8_program, CompiledProgram)
     # shrink removed the channels pruned by groups before quantizing: the int8 stem holds 12 of the 16 filters
