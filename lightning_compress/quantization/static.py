@@ -20,6 +20,7 @@ import dataclasses
 import fnmatch
 import importlib.util
 import re
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -180,7 +181,10 @@ def prepare(program: torch.fx.GraphModule, names: list[str], all_layers: list[st
     for name in set(all_layers) - set(names):
         quantizer.set_module_name_qconfig(name, None)
     try:
-        with compat.torch_internal_warnings_silenced():
+        with compat.torch_internal_warnings_silenced(), warnings.catch_warnings():
+            # torchao says, with its whole config's repr (~1.2 kB), that a pooling layer after a float one stays
+            # float; the summary's rows say what each layer ran as
+            warnings.filterwarnings("ignore", message=r"The input of \w+ is not quantized, skip annotate")
             return prepare_pt2e(program, quantizer)
     except Exception as error:
         raise ValueError(

@@ -196,3 +196,17 @@ def test_dynamic_and_static_quantization_in_one_trainer_is_a_setup_error(quiet_t
 def test_arguments_are_checked_at_construction(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         StaticQuantization(**kwargs)
+
+
+def test_torchaos_notice_that_a_pooling_input_stays_float_is_not_printed() -> None:
+    import warnings
+
+    from lightning_compress.inputs import ModelInput
+    from lightning_compress.quantization import static
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(36, 2)).eval()
+    program, _ = static.export(model, [ModelInput((torch.randn(2, 1, 8, 8),), {})])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        static.prepare(program, ["4"], ["0", "4"])  # the conv stays float: the pool after it gets a float input
+    assert not [w for w in caught if "is not quantized, skip annotate" in str(w.message)]
