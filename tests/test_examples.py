@@ -63,6 +63,7 @@ def test_lightning_cli_config(tmp_path, epochs):
     assert (tmp_path / "runs" / "digits_cli_int8.ts").exists()
 
 
+@pytest.mark.slow  # inductor compiles: 25-50 s; test_static covers groups + shrink + static int8 + .pt2
 def test_cnn_shrink_example(tmp_path):
     pytest.importorskip("torch_pruning")  # the [shrink] extra
     pytest.importorskip("torchao")  # the [static] extra
