@@ -456,3 +456,19 @@ def assert_masks_prune_the_lowest(masks, scores, amount, scope, tolerance=1e-6) 
             threshold = float(pruned.max())
             assert bool(((scores[name][differ] - threshold).abs() <= tolerance * scale).all()), name
             assert int(differ.sum()) <= 2, name
+
+
+class TimeSteps(nn.Module):
+    """Loops over the time steps of its input (a GRUCell): a trace records the number of steps it saw."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.cell = nn.GRUCell(4, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = x.new_zeros(x.shape[0], 16)
+        for t in range(x.shape[1]):
+            h = self.cell(x[:, t], h)
+        return self.head(h)

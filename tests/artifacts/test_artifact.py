@@ -9,7 +9,7 @@ import struct
 
 import pytest
 import torch
-from helpers import pruned_mlp
+from helpers import TimeSteps, pruned_mlp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -28,22 +28,6 @@ from lightning_compress.quantization.dynamic import quantize_dynamic_copy
 def _quantized_mlp():
     model = pruned_mlp([64, 256, 256, 10], 0.5)
     return model, quantize_dynamic_copy(model, torch.qint8, {nn.Linear})
-
-
-class TimeSteps(nn.Module):
-    """Loops over the time steps of its input: a trace records one number of steps."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.cell = nn.GRUCell(4, 16)
-        self.head = nn.Linear(16, 3)
-
-    def forward(self, x):
-        h = x.new_zeros(x.shape[0], 16)
-        for t in range(x.shape[1]):
-            h = self.cell(x[:, t], h)
-        return self.head(h)
 
 
 # ---------------------------------------------------------------------------------------------- the tolerance

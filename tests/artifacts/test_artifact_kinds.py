@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 import onnx
 import pytest
 import torch
-from helpers import DigitsDataModule, DigitsMLP
+from helpers import DigitsDataModule, DigitsMLP, TimeSteps
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
@@ -24,22 +24,6 @@ from lightning_compress.artifacts import write_verified
 from lightning_compress.artifacts.onnx_format import INT8_RTOL
 from lightning_compress.inputs import ModelInput
 from lightning_compress.quantization.dynamic import quantize_dynamic_copy
-
-
-class Steps(nn.Module):
-    """Loops over the time steps (trial repro_1): a trace records the number of steps it saw."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.cell = nn.GRUCell(4, 16)
-        self.head = nn.Linear(16, 3)
-
-    def forward(self, x):
-        h = x.new_zeros(x.shape[0], 16)
-        for t in range(x.shape[1]):
-            h = self.cell(x[:, t], h)
-        return self.head(h)
 
 
 class ZerosOfBatch(nn.Module):
@@ -77,7 +61,7 @@ def _quantized(model):
 @pytest.mark.parametrize(
     "model, seen, unseen",
     [
-        (Steps, [(6, 8, 4), (3, 8, 4)], [(2, 12, 4), (5, 3, 4)]),  # every validation batch 8 steps
+        (TimeSteps, [(6, 8, 4), (3, 8, 4)], [(2, 12, 4), (5, 3, 4)]),  # every validation batch 8 steps
         (ZerosOfBatch, [(16, 5, 4), (16, 5, 4)], [(1, 5, 4), (40, 5, 4)]),  # every validation batch 16 rows
     ],
 )
